@@ -1,0 +1,220 @@
+"""Load a model and its processor: HF hub ids, local folders, and the built-in tiny models, one function.
+
+Pitfalls handled here, once (environment.md §2):
+* transformers 5.x cannot build a Qwen-VL processor without a working torchvision (the video processor is built
+  eagerly). Without torchvision we assemble an image-only processor from the same files; with it (or with the
+  CPU shim) plain ``AutoProcessor`` is used. Video inputs are not supported on the image-only path.
+* flash-attn is used only when it is importable and a CUDA device is present; otherwise sdpa.
+* ``mm_token_type_ids`` must accompany every forward pass with image tokens (Qwen2.5-VL silently falls back to
+  1-D RoPE without it): :func:`mm_token_type_ids` builds it from input ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vigorl_cli.errors import ModelError
+from vigorl_cli.models.tiny import PROCESSOR_CLASS, VISION_SPECIAL_TOKENS, is_tiny, tiny_path
+
+_KIND_BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
+                       "qwen3_vl_moe": "qwen3_vl"}
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with everything needed to talk to it."""
+
+    model: Any
+    processor: Any
+    path: Path | str
+    kind: str  # qwen2_vl | qwen2_5_vl | qwen3_vl | <other model_type>
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def resolve_model(name_or_path: str | Path) -> Path | str:
+    """A tiny name → its cached folder (built on first use); a local folder → itself; anything else is a hub id."""
+    name = str(name_or_path)
+    if is_tiny(name):
+        return tiny_path(name)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a model folder (no config.json)",
+                             hint="pass a folder written by save_pretrained, a hub id, or tiny-qwen2.5-vl")
+        return p
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder not found: {name}")
+    return name
+
+
+def torchvision_works() -> bool:
+    """True when torchvision imports (the PyPI CUDA wheel fails to import against CPU torch)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _image_only_processor_class(base_cls):
+    """``base_cls`` without its video processor: constructible, savable and loadable without torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base_cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                          chat_template=chat_template, **kwargs)
+
+    return type("ImageOnly" + base_cls.__name__, (base_cls,), {"__init__": __init__})
+
+
+def _processor_class_name(path: Path | str, kind: str) -> str:
+    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = Path(path) / fname
+        if f.is_file():
+            cls = json.loads(f.read_text()).get("processor_class")
+            if cls:
+                return cls
+    if kind in PROCESSOR_CLASS:
+        return PROCESSOR_CLASS[kind]
+    raise ModelError(f"cannot tell the processor class of {path}")
+
+
+def load_processor(path: Path | str, kind: str | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None, revision: str | None = None, trust_remote_code: bool = False):
+    """AutoProcessor when torchvision works, else an image-only processor from the same files.
+
+    ``min_pixels`` / ``max_pixels`` override the image processor's pixel budget (``size`` in transformers 5).
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    if torchvision_works() or kind not in PROCESSOR_CLASS:
+        proc = AutoProcessor.from_pretrained(path, **kw)
+    else:
+        local = Path(path) if Path(path).exists() else Path(_snapshot(path, revision))
+        base = getattr(transformers, _processor_class_name(local, kind))
+        tok = AutoTokenizer.from_pretrained(local)
+        ip = AutoImageProcessor.from_pretrained(local)
+        tmpl_file = local / "chat_template.jinja"
+        tmpl = tmpl_file.read_text() if tmpl_file.is_file() else getattr(tok, "chat_template", None)
+        if tmpl is None and (local / "chat_template.json").is_file():
+            tmpl = json.loads((local / "chat_template.json").read_text()).get("chat_template")
+        proc = _image_only_processor_class(base)(image_processor=ip, tokenizer=tok, chat_template=tmpl)
+    ip = proc.image_processor
+    if min_pixels is not None or max_pixels is not None:
+        size = dict(ip.size) if isinstance(ip.size, dict) else {"shortest_edge": ip.size.shortest_edge,
+                                                                 "longest_edge": ip.size.longest_edge}
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+        ip.size = size
+        for attr, val in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if val is not None and hasattr(ip, attr):
+                setattr(ip, attr, int(val))
+    return proc
+
+
+def _snapshot(repo_id: str | Path, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(repo_id), revision=revision,
+                                 allow_patterns=["*.json", "*.jinja", "*.txt", "tokenizer*", "*.model"])
+    except Exception as e:  # offline, private, or missing
+        raise ModelError(f"cannot fetch processor files of {repo_id}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                         hint="download the model once with network access, or pass a local folder") from None
+
+
+def pick_attn_implementation(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ModelError("attn_implementation flash_attention_2 needs flash-attn",
+                             hint="pip install 'vigorl[flash]' on a CUDA machine, or use sdpa")
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def pick_dtype(requested: str = "auto"):
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def model_kind(config) -> str:
+    mt = getattr(config, "model_type", "")
+    return _KIND_BY_MODEL_TYPE.get(mt, mt)
+
+
+def load_model(name_or_path: str | Path, dtype: str = "auto", attn_implementation: str = "auto",
+               device: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+               revision: str | None = None, trust_remote_code: bool = False) -> ModelBundle:
+    """Load model + processor for ``name_or_path`` (hub id, local folder, or tiny-*)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = resolve_model(name_or_path)
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(f"cannot load model {name_or_path}: {str(e).splitlines()[0]}",
+                         hint=("HF_HUB_OFFLINE=1 is set; " if offline else "") +
+                         "check the name, or use a built-in tiny model such as tiny-qwen2.5-vl") from None
+    kind = model_kind(config)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=pick_dtype(dtype), attn_implementation=pick_attn_implementation(attn_implementation), **kw)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.eval()
+    processor = load_processor(path, kind, min_pixels=min_pixels, max_pixels=max_pixels, revision=revision,
+                               trust_remote_code=trust_remote_code)
+    return ModelBundle(model=model, processor=processor, path=path, kind=kind)
+
+
+def vision_special_ids(tokenizer) -> list[int]:
+    """Ids a policy must never sample: they would desynchronise image features and image placeholders."""
+    ids = []
+    for t in VISION_SPECIAL_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None):
+            ids.append(i)
+    return ids
+
+
+def mm_token_type_ids(input_ids, config):
+    """0 for text, 1 for image, 2 for video tokens: what the processor returns, rebuilt from ids."""
+    import torch
+
+    t = torch.zeros_like(input_ids)
+    t[input_ids == config.image_token_id] = 1
+    video = getattr(config, "video_token_id", None)
+    if video is not None:
+        t[input_ids == video] = 2
+    return t
