@@ -49,8 +49,12 @@ def _extract(tar_path: Path, dest: Path) -> None:
     """Unpack ``tar_path`` into ``dest`` safely, via a temporary folder on the same filesystem."""
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
     try:
-        with tarfile.open(tar_path) as tf:
-            tf.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(tar_path) as tf:
+                tf.extractall(tmp, filter="data")
+        except tarfile.TarError as e:  # corrupt, truncated, or a member escaping the destination
+            raise DataError(f"cannot unpack {tar_path}: {type(e).__name__}: {e}",
+                            hint="delete the file and pull again") from None
         for item in tmp.iterdir():
             target = dest / item.name
             if target.exists() and target.is_dir() and item.is_dir():
