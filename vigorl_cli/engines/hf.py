@@ -1,0 +1,210 @@
+"""HF engine: batched ``generate`` on a transformers model, on any machine.
+
+Design points (environment.md §2.2 pitfalls are handled here):
+
+* **Per-request seeds, independent of batching.** HF ``generate`` samples every row from one global RNG, so the
+  same request would sample differently depending on what else is in its batch. We run ``generate`` greedily and
+  do the sampling ourselves in a logits processor (:class:`SeededSampler`) with one ``torch.Generator`` per row,
+  seeded from the request. A request then gives the same tokens alone or in any batch (up to floating-point
+  differences of padded batched attention, which can flip a near-tie).
+* **Raw log-probs.** The sampler sees the raw logits (no HF processor runs before it: the generation config is
+  built fresh, so a checkpoint's own ``suppress_tokens``/``top_k``/temperature never leak in) and records
+  ``log_softmax(raw)[token]``: the policy's log-prob at temperature 1, what the trainer recomputes.
+* **Vision tokens are never sampled** (their logits are set to -inf before sampling), so a sampled sequence can
+  always be fed back through the model.
+* Prompts arrive with one ``<|image_pad|>`` per image; they are expanded here by each image's grid, and
+  ``mm_token_type_ids`` is passed (Qwen2.5-VL silently falls back to 1-D RoPE without it).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+
+from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed
+from vigorl_cli.models.load import ModelBundle, mm_token_type_ids, vision_special_ids
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples each row with its own generator; returns scores that make greedy selection pick that sample."""
+
+    def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int], prompt_len: int):
+        self.p = params
+        self.gens = []
+        for s in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(s))
+            self.gens.append(g)
+        self.suppress = torch.tensor(suppress_ids, dtype=torch.long) if suppress_ids else None
+        self.prompt_len = prompt_len
+        self.logprobs: list[list[float]] = [[] for _ in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raw = scores.float()
+        logp_raw = torch.log_softmax(raw, dim=-1)  # [B, V] policy log-probs at T=1
+        x = raw.clone()
+        if self.suppress is not None:
+            x[:, self.suppress.to(x.device)] = float("-inf")
+        if self.p.repetition_penalty != 1.0:
+            seen = torch.gather(x, 1, input_ids)
+            seen = torch.where(seen < 0, seen * self.p.repetition_penalty, seen / self.p.repetition_penalty)
+            x = x.scatter(1, input_ids, seen)
+        if self.p.temperature <= 0:
+            chosen = x.argmax(dim=-1)
+        else:
+            x = x / self.p.temperature
+            if self.p.top_k and self.p.top_k > 0:
+                kth = torch.topk(x, min(self.p.top_k, x.shape[-1]), dim=-1).values[:, -1:]
+                x = x.masked_fill(x < kth, float("-inf"))
+            if self.p.top_p < 1.0:
+                sorted_x, idx = torch.sort(x, dim=-1, descending=True)
+                probs = torch.softmax(sorted_x, dim=-1)
+                cum = probs.cumsum(dim=-1)
+                drop = (cum - probs) >= self.p.top_p  # keep the smallest prefix whose mass reaches top_p
+                sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+                x = torch.full_like(x, float("-inf")).scatter(1, idx, sorted_x)
+            probs = torch.softmax(x, dim=-1).cpu()
+            chosen = torch.stack([torch.multinomial(probs[i], 1, generator=self.gens[i])[0]
+                                  for i in range(probs.shape[0])]).to(scores.device)
+        for i, t in enumerate(chosen.tolist()):
+            self.logprobs[i].append(float(logp_raw[i, t]))
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+
+class HFEngine:
+    """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
+
+    name = "hf"
+
+    def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0):
+        self.bundle = bundle
+        self.model = bundle.model
+        self.processor = bundle.processor
+        self.tok = bundle.processor.tokenizer
+        self.batch_size = max(1, batch_size)
+        self.seed = seed
+        cfg = self.model.config
+        self.image_token_id = cfg.image_token_id
+        self.merge = int(getattr(self.processor.image_processor, "merge_size", 2))
+        self.suppress = vision_special_ids(self.tok)
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end not in eos:
+            eos.append(im_end)
+        self.eos_ids = eos
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
+        self._calls = 0
+
+    # -- public -----------------------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        rows: list[tuple[int, int, int]] = []  # (request index, sample index, seed)
+        for ri, r in enumerate(requests):
+            for k in range(r.params.n):
+                base = r.params.seed if r.params.seed is not None else derive_seed(self.seed, self._calls, ri)
+                rows.append((ri, k, derive_seed(base, k) if r.params.n > 1 else base))
+        self._calls += 1
+        groups: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
+        for row in rows:
+            groups[requests[row[0]].params.group_key()].append(row)
+        out: list[list[Completion | None]] = [[None] * r.params.n for r in requests]
+        for _, grp in groups.items():
+            for i in range(0, len(grp), self.batch_size):
+                chunk = grp[i:i + self.batch_size]
+                for (ri, k, _), comp in zip(chunk, self._run(requests, chunk)):
+                    out[ri][k] = comp
+        return [[c for c in lst if c is not None] for lst in out]
+
+    def close(self) -> None:
+        pass
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def encode_images(self, images: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not images:
+            return None, None
+        feats = self.processor.image_processor(images=images, return_tensors="pt")
+        return feats["pixel_values"], feats["image_grid_thw"]
+
+    def expand(self, prompt_ids: list[int], grid: torch.Tensor | None) -> list[int]:
+        """One placeholder per image → as many as the image has merged patches."""
+        if grid is None:
+            if self.image_token_id in prompt_ids:
+                raise ValueError("prompt holds image placeholders but the request has no images")
+            return list(prompt_ids)
+        counts = (grid.prod(dim=-1) // (self.merge ** 2)).tolist()
+        out, k = [], 0
+        for t in prompt_ids:
+            if t == self.image_token_id:
+                if k >= len(counts):
+                    raise ValueError(f"prompt has more image placeholders than images ({len(counts)})")
+                out.extend([t] * counts[k])
+                k += 1
+            else:
+                out.append(t)
+        if k != len(counts):
+            raise ValueError(f"prompt has {k} image placeholders for {len(counts)} images")
+        return out
+
+    @torch.no_grad()
+    def _run(self, requests: list[GenerationRequest], chunk: list[tuple[int, int, int]]) -> list[Completion]:
+        device = self.model.device
+        params = requests[chunk[0][0]].params
+        enc_cache: dict[int, tuple] = {}
+        ids_rows, pix, grids = [], [], []
+        for ri, _, _ in chunk:
+            if ri not in enc_cache:
+                pv, grid = self.encode_images(requests[ri].images)
+                enc_cache[ri] = (pv, grid, self.expand(requests[ri].prompt_ids, grid))
+            pv, grid, ids = enc_cache[ri]
+            ids_rows.append(ids)
+            if pv is not None:
+                pix.append(pv)
+                grids.append(grid)
+        width = max(len(r) for r in ids_rows)
+        input_ids = torch.full((len(ids_rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(input_ids)
+        for i, r in enumerate(ids_rows):  # left padding: the last prompt token of every row is aligned
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attn[i, width - len(r):] = 1
+        inputs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attn.to(device),
+                                  "mm_token_type_ids": mm_token_type_ids(input_ids, self.model.config).to(device)}
+        if pix:
+            inputs["pixel_values"] = torch.cat(pix).to(device, dtype=self.model.dtype)
+            inputs["image_grid_thw"] = torch.cat(grids).to(device)
+        sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, width)
+        gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
+                              pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
+        # generate() fills unset fields from the checkpoint's generation config (suppress_tokens, top_k, ...):
+        # swap in a clean one so that no processor runs before the sampler and log-probs stay raw.
+        saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        try:
+            gen = self.model.generate(**inputs, generation_config=gc, logits_processor=[sampler],
+                                      tokenizer=self.tok if params.stop else None)
+        finally:
+            self.model.generation_config = saved
+        new = gen[:, width:].tolist()
+        return [self._finish(new[i], sampler.logprobs[i], params) for i in range(len(chunk))]
+
+    def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
+        """Cut a row at its first eos token or stop string (inclusive); what follows is padding."""
+        longest = max((len(s) for s in params.stop), default=0)
+        for i, t in enumerate(tokens):
+            if t in self.eos_ids:
+                kept = tokens[:i + 1]
+                return Completion(kept, self.tok.decode(kept, skip_special_tokens=False), logprobs[:i + 1],
+                                  "stop", "eos")
+            if params.stop:
+                tail = self.tok.decode(tokens[max(0, i - longest - 1):i + 1], skip_special_tokens=False)
+                hit = next((s for s in params.stop if s in tail), None)
+                if hit is not None:
+                    kept = tokens[:i + 1]
+                    return Completion(kept, self.tok.decode(kept, skip_special_tokens=False), logprobs[:i + 1],
+                                      "stop", hit)
+        return Completion(tokens, self.tok.decode(tokens, skip_special_tokens=False), logprobs[:len(tokens)],
+                          "length", None)
