@@ -35,5 +35,5 @@ def demo_root(tmp_path_factory):
     from vigorl_cli.data.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo-data")
-    generate_demo(root, n_per_task=12, seed=0)
+    generate_demo(root, n_per_task=40, seed=0)
     return root

@@ -13,6 +13,7 @@ import typer
 
 from vigorl_cli import __version__
 from vigorl_cli.cli import data as data_cmd
+from vigorl_cli.cli import eval as eval_cmd
 from vigorl_cli.cli import model as model_cmd
 from vigorl_cli.cli import recipe as recipe_cmd
 from vigorl_cli.console import err_console
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(recipe_cmd.app, name="recipe")
+app.command("eval")(eval_cmd.eval_command)
 
 
 def _version(value: bool) -> None:
@@ -43,8 +45,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True,
-                                                    help="print versions and exit")] = None,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                          help="print versions and exit")] = False,
 ) -> None:
     """vigorl: one CLI for the ViGoRL pipeline.
 

@@ -313,7 +313,7 @@ def read_sft(path: str | Path) -> tuple[list[SFTRecord], list[LineError]]:
     for line, rec in raw.records:
         try:
             recs.append(SFTRecord.from_dict(rec))
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError) as e:
             errors.append(LineError(str(path), line, "schema", str(e)))
     return recs, errors
 

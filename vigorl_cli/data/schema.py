@@ -29,7 +29,6 @@ Field conventions
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,8 +85,18 @@ class Sample:
     answer: str
     choices: list[str] | None = None
     target: Target | None = None
-    task: str = "vqa"
+    task: str = ""  # "" → inferred from answer/choices/target (see __post_init__)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.task:  # fill what the caller left out from the ground-truth string
+            if self.choices is None:
+                self.choices = parse_choices(self.question)
+            if self.target is None:
+                self.target = infer_target(self.answer)
+            self.task = infer_task(self.answer, self.choices, self.target)
+        elif self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
 
     # -- convenience -------------------------------------------------------------------------------------------
     def image_paths(self, root: str | Path | None = None) -> list[Path]:
@@ -115,18 +124,22 @@ class Sample:
         t = d.get("target")
         return cls(id=str(d["id"]), images=list(d.get("images") or []), question=d["question"],
                    answer=str(d.get("answer", "")), choices=d.get("choices"),
-                   target=Target.from_dict(t) if t else None, task=d.get("task", "vqa"), meta=dict(d.get("meta") or {}))
+                   target=Target.from_dict(t) if t else None, task=d.get("task", ""), meta=dict(d.get("meta") or {}))
 
 
 # -- parsing of ground-truth strings (shared by readers, judges and validate) ----------------------------------
+
+def _number(text: str) -> int | float:
+    """``"7"``/``"007"`` → 7, ``"1.5"`` → 1.5 (the regexes above only admit plain decimal numbers)."""
+    return float(text) if "." in text else int(text)
+
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """``"(x1, y1, x2, y2)"`` or ``"[x1, y1, x2, y2]"`` → a 4-tuple, else ``None``. Never evaluates code."""
     m = _BOX_RE.match(text or "")
     if not m:
         return None
-    vals = tuple(ast.literal_eval(g) for g in m.groups())
-    return vals  # type: ignore[return-value]
+    return tuple(_number(g) for g in m.groups())  # type: ignore[return-value]
 
 
 def parse_point(text: str) -> tuple[float, float] | None:
@@ -134,7 +147,7 @@ def parse_point(text: str) -> tuple[float, float] | None:
     m = _POINT_RE.match(text or "")
     if not m:
         return None
-    return tuple(ast.literal_eval(g) for g in m.groups())  # type: ignore[return-value]
+    return tuple(_number(g) for g in m.groups())  # type: ignore[return-value]
 
 
 def parse_action(text: str) -> str | None:

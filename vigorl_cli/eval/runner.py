@@ -1,0 +1,271 @@
+"""`vigorl eval`: run episodes over a benchmark, judge them, write per-sample JSONL and a summary; resumable.
+
+Output folder (per benchmark ``OUT/<bench>/``):
+
+* ``samples.jsonl``: one record per (sample, draw), appended and fsynced as each episode finishes. A rerun on the
+  same folder skips every (id, draw) already there: nothing finished is redone or duplicated, and a killed run loses
+  at most the episodes in flight.
+* ``summary.json``: written atomically at the end (see :func:`summarize` for the fields).
+
+Scoring happens in the **original image frame**: a point the model gave on the resized image is mapped back with
+``vision.frames`` before the judge compares it with the ground truth (so predictions made at two pixel limits score
+the same). ``compat=True`` instead reproduces the reference: ground truth rescaled into the resized frame with
+``int()`` and the reference judges' quirks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+from vigorl_cli.agent.parse import find_points
+from vigorl_cli.data.formats import read_samples
+from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
+from vigorl_cli.data.schema import Sample, Target
+from vigorl_cli.engines.base import SamplingParams
+from vigorl_cli.eval.benchmarks import PRESET_BY_TASK, Benchmark
+from vigorl_cli.models import prompts
+from vigorl_cli.rewards.judges import judge_sample
+from vigorl_cli.vision.frames import Frame, qwen_smart_size, reference_scale, resize_image
+from vigorl_cli.vision.zoom import ZoomTool
+
+
+@dataclass
+class EvalSettings:
+    data_root: Path
+    out_dir: Path
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.5, max_new_tokens=2048))
+    mode: str = "auto"  # auto | single | multi
+    samples: int = 1  # draws per question (Avg@k)
+    limit: int | None = None
+    compat: bool = False
+    system_prompt: str | None = None  # overrides the benchmark preset
+    prompt_variant: str | None = None  # e.g. answer_only for base models
+    literal_newlines: bool = False
+    seed: int = 0
+    chunk: int = 64  # episodes created per batch of work (memory bound)
+    max_turns: int | None = None
+    max_response_tokens: int = 4096
+    zoom_source: str = "shown"
+
+
+@dataclass
+class LoadedSample:
+    sample: Sample
+    file: str
+    split: str
+
+
+def load_benchmark(bench: Benchmark, root: Path, limit: int | None = None) -> tuple[list[LoadedSample], list[LineError]]:
+    items, errors = [], []
+    for rel in bench.files:
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        sf = read_samples(path)
+        errors.extend(sf.errors)
+        for s in sf.samples:
+            split = bench.split(s, str(path)) if bench.split else "all"
+            items.append(LoadedSample(s, str(path), split))
+    if limit is not None:
+        items = items[:limit]
+    return items, errors
+
+
+def _frame_for(img: Image.Image, bench: Benchmark, processor: Any) -> Frame:
+    """Original → benchmark limit (max side / max pixels) → the processor's own smart resize, as one Frame."""
+    W, H = img.size
+    if bench.max_side:
+        f = Frame.max_side(W, H, bench.max_side)
+    elif bench.max_pixels:
+        f = Frame.max_pixels(W, H, bench.max_pixels)
+    else:
+        f = Frame.identity(W, H)
+    ip = processor.image_processor
+    size = ip.size if isinstance(ip.size, dict) else {"shortest_edge": ip.size.shortest_edge,
+                                                       "longest_edge": ip.size.longest_edge}
+    factor = int(getattr(ip, "patch_size", 14)) * int(getattr(ip, "merge_size", 2))
+    w, h = qwen_smart_size(*f.size, min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
+                           factor=factor)
+    return Frame.resized(W, H, w, h)
+
+
+def _system_prompt(bench: Benchmark, s: Sample, multi: bool, st: EvalSettings) -> str:
+    if st.system_prompt is not None:
+        return st.system_prompt
+    preset = bench.preset if not bench.name.startswith("jsonl:") else PRESET_BY_TASK.get(s.task, "spatial")
+    variant = st.prompt_variant or ("multiturn" if multi else "single")
+    return prompts.system_prompt(preset, variant, literal_newlines=st.literal_newlines)
+
+
+def _judge(pred: str | None, s: Sample, frame: Frame, bench: Benchmark, compat: bool) -> tuple[float, Any]:
+    """Score ``pred`` (model frame) against the sample (original frame)."""
+    judge = bench.judge if bench.judge else None
+    if s.task == "grounding" and s.target is not None and pred is not None:
+        if compat:  # reference: GT rescaled into the resized frame with int(), prediction compared there
+            sx, sy = frame.scale
+            gt = s.target
+            if gt.box is not None:
+                x1, y1, x2, y2 = gt.box
+                t = Target(box=(reference_scale(x1, 1 / sx), reference_scale(y1, 1 / sy),
+                                reference_scale(x2, 1 / sx), reference_scale(y2, 1 / sy)), frame="shown")
+            else:
+                t = Target(point=(reference_scale(gt.point[0], 1 / sx), reference_scale(gt.point[1], 1 / sy)),
+                           frame="shown")
+            fn_name = judge or ("point_in_box" if t.box is not None else "point_match")
+            from vigorl_cli.rewards.judges import get_judge
+
+            return get_judge(fn_name)(pred, t, compat=True), None
+        pts = find_points(pred)
+        if len(pts) == 1:
+            X, Y = frame.to_original(pts[0].xy, exact=True, check=False)
+            mapped = f"({X:.3f}, {Y:.3f})"
+            return judge_sample(mapped, s, judge=judge, compat=False), (X, Y)
+    return judge_sample(pred, s, judge=judge, compat=compat), None
+
+
+def _crop_hit(ep: Episode, s: Sample) -> bool | None:
+    """Did any crop window (original frame) contain the ground-truth box centre? None without crops or a box."""
+    if not ep.crops or s.target is None or s.target.box is None:
+        return None
+    x1, y1, x2, y2 = s.target.box
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return any(w[0] <= cx <= w[2] and w[1] <= cy <= w[3] for w in (c["window_original"] for c in ep.crops))
+
+
+def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
+             on_progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Evaluate one benchmark; returns the summary (also written to ``OUT/<bench>/summary.json``)."""
+    out = st.out_dir / bench.name.replace(":", "_").replace("/", "_")
+    items, load_errors = load_benchmark(bench, st.data_root, st.limit)
+    rf = ResultsFile(out / "samples.jsonl", id_key="key")
+    done = rf.done_ids()
+    todo = [(it, d) for it in items for d in range(st.samples) if f"{it.sample.id}#{d}" not in done]
+    multi = (st.mode == "multi") or (st.mode == "auto" and bench.mode == "multi")
+    zoom = ZoomTool.preset(bench.zoom, source=st.zoom_source) if multi else None
+    cfg = EpisodeConfig(sampling=st.sampling, multiturn=multi, zoom=zoom,
+                        max_turns=st.max_turns or bench.max_turns, max_images=5,
+                        max_response_tokens=st.max_response_tokens, forced_greedy=st.compat,
+                        observation_style="eval" if st.compat else "sft")
+    t0 = time.time()
+    n_total, n_done = len(items) * st.samples, len(items) * st.samples - len(todo)
+    meta: dict[str, dict] = {}
+
+    def record(ep: Episode) -> None:
+        nonlocal n_done
+        s: Sample = ep.sample
+        it = meta[f"{s.id}#{ep.draw}"]
+        res, mapped = _judge(ep.answer, s, ep.images[0].frame, bench, st.compat)
+        failure = ep.failures[0] if ep.failures else (str(res.failure) if res.failure else None)
+        rf.append({"key": f"{s.id}#{ep.draw}", "id": s.id, "draw": ep.draw, "bench": bench.name,
+                   "split": it["split"], "question": s.question, "gt": s.answer, "pred": ep.answer,
+                   "pred_original": list(mapped) if mapped else None, "score": float(res.score),
+                   "failure": failure, "failures": ep.failures + ([str(res.failure)] if res.failure else []),
+                   "judge": {"pred": res.pred, "details": _jsonable(res.details)},
+                   "crop_hit": _crop_hit(ep, s), **ep.to_record(), "frame": ep.images[0].frame.to_dict(),
+                   "image": s.images[0] if s.images else None})
+        n_done += 1
+        if on_progress:
+            on_progress(n_done, n_total, {})
+
+    for i in range(0, len(todo), st.chunk):
+        episodes = []
+        cache: dict[str, tuple] = {}
+        for it, draw in todo[i:i + st.chunk]:
+            s = it.sample
+            meta[f"{s.id}#{draw}"] = {"split": it.split}
+            try:
+                if s.id not in cache:
+                    if not s.images:
+                        raise FileNotFoundError("sample has no image")
+                    path = s.image_paths(st.data_root)[0]
+                    with Image.open(path) as im:
+                        original = im.convert("RGB")
+                    frame = _frame_for(original, bench, processor)
+                    cache[s.id] = (original, frame, resize_image(original, frame))
+                original, frame, shown = cache[s.id]
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name, "split": it.split,
+                           "question": s.question, "gt": s.answer, "pred": None, "score": 0.0,
+                           "failure": "image_error", "failures": ["image_error"],
+                           "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0})
+                n_done += 1
+                if on_progress:
+                    on_progress(n_done, n_total, {})
+                continue
+            episodes.append(Episode(s, shown, frame, _system_prompt(bench, s, multi, st), processor, cfg,
+                                    seed=st.seed, draw=draw, original=original))
+        run_episodes(engine, episodes, on_done=record)
+    rf.close()
+    summary = summarize(rf.read(), bench.name, st.samples, elapsed=time.time() - t0, n_new=len(todo))
+    summary["load_errors"] = [str(e) for e in load_errors]
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _ci95(per_question: list[float]) -> float:
+    n = len(per_question)
+    if n < 2:
+        return 0.0
+    m = sum(per_question) / n
+    var = sum((x - m) ** 2 for x in per_question) / (n - 1)
+    return 1.96 * math.sqrt(var / n)
+
+
+def _stats(recs: list[dict], k: int) -> dict:
+    by_q: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        by_q[r["id"]].append(float(r["score"]))
+    per_q = [sum(v) / len(v) for v in by_q.values()]
+    n = len(recs)
+    parse_fail = sum(1 for r in recs if r.get("pred") is None or r.get("failure")) / n if n else 0.0
+    hits = [r["crop_hit"] for r in recs if r.get("crop_hit") is not None]
+    return {
+        "n": len(by_q), "draws": n,
+        "accuracy": round(sum(per_q) / len(per_q), 6) if per_q else 0.0,
+        "ci95": round(_ci95(per_q), 6),
+        "avg_at_k": round(sum(float(r["score"]) for r in recs) / n, 6) if n else 0.0,
+        "pass_at_k": round(sum(1 for v in by_q.values() if max(v) > 0) / len(by_q), 6) if by_q else 0.0,
+        "parse_failure_rate": round(parse_fail, 6),
+        "image_error_rate": round(sum(1 for r in recs if r.get("failure") == "image_error") / n, 6) if n else 0.0,
+        "mean_turns": round(sum(r.get("turns", 0) for r in recs) / n, 4) if n else 0.0,
+        "mean_crops": round(sum(len(r.get("crops") or []) for r in recs) / n, 4) if n else 0.0,
+        "crop_hit_rate": round(sum(hits) / len(hits), 6) if hits else None,
+        "tokens_per_sample": round(sum(r.get("tokens", 0) for r in recs) / n, 2) if n else 0.0,
+        "k": k,
+    }
+
+
+def summarize(recs: list[dict], bench: str, k: int, elapsed: float = 0.0, n_new: int = 0) -> dict:
+    """Whole-benchmark and per-split statistics over the result records."""
+    out = {"bench": bench, **_stats(recs, k)}
+    failures: dict[str, int] = defaultdict(int)
+    for r in recs:
+        for f in r.get("failures") or []:
+            failures[f] += 1
+    out["failure_counts"] = dict(sorted(failures.items(), key=lambda kv: -kv[1]))
+    splits: dict[str, list[dict]] = defaultdict(list)
+    for r in recs:
+        splits[r.get("split") or "all"].append(r)
+    out["splits"] = {name: _stats(rs, k) for name, rs in sorted(splits.items())}
+    out["seconds"] = round(elapsed, 3)
+    out["samples_per_second"] = round(n_new / elapsed, 4) if elapsed > 0 and n_new else None
+    return out
