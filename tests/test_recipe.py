@@ -117,3 +117,11 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     f = tmp_path / "resolved.yaml"
     f.write_text(r.to_yaml())
     assert load_recipe(f) == r
+
+
+def test_recipe_reference_doc_is_current():
+    from vigorl_cli.recipe import reference_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "recipes.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: python -c 'from vigorl_cli.recipe import " \
+                                                    "reference_markdown as r; open(\"docs/recipes.md\",\"w\").write(r())'"

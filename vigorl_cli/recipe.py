@@ -72,7 +72,7 @@ class PromptConfig:
 @dataclass
 class ToolConfig:
     enabled: bool = F(False, "multi-turn: the model may call the zoom tool (search_coordinate)")
-    offset: int = F(182, "half-width of the crop window in original-image pixels (V*: 182, web grounding: 100 / RL 50)")
+    offset: int = F(182, "half-width of the crop window in pixels of the image the model sees (V*: 182, web grounding: 100 / RL 50)")
     crop_size: int = F(672, "crop is resized to this side, rounded to a multiple of 28 (672, 512→504, 384→392)")
     draw_dot: bool = F(False, "draw a red dot (r=7, white outline) at the requested point")
     max_turns: int = F(5, "maximum assistant turns per episode (tool calls + final answer)")
@@ -493,3 +493,18 @@ def explain(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, s
             rows.append((key, _type_name(tp), repr(getattr(inst, f.name)), f.metadata.get("help", "")))
     return rows
 
+
+
+def reference_markdown() -> str:
+    """docs/recipes.md: every key with type, default and help (kept current by a test)."""
+    lines = ["# Recipe reference", "",
+             "Generated from `vigorl_cli/recipe.py` (`vigorl recipe check FILE --explain` prints the same).",
+             "Loading order: dataclass defaults → YAML file → `--set section.key=value` (typed, repeatable).",
+             "Strings in `data.root` expand `${VAR}` and `${VAR:-default}`.", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in explain():
+        if tp == "section":
+            lines.append(f"| **{key}** | section | | {help_} |")
+        else:
+            lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
