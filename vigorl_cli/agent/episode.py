@@ -98,7 +98,10 @@ class Episode:
         self.seed = seed
         self.draw = draw
         self.original = original if original is not None else image
-        self.images: list[ShownImage] = [ShownImage(image, frame, f"{sample.id}/full")]
+        # cache keys must identify the pixels for the engine's lifetime (the OpenAI engine caches encodings by key)
+        src = sample.images[0] if sample.images else ""
+        self.key_base = f"{sample.id}@{src}@{frame.original_size[0]}x{frame.original_size[1]}"
+        self.images: list[ShownImage] = [ShownImage(image, frame, f"{self.key_base}/full-{image.size[0]}x{image.size[1]}")]
         self.crops: list[dict] = []
         self.segments: list[Segment] = []
         self.turn_texts: list[str] = []
@@ -246,7 +249,9 @@ class Episode:
             self._end("budget")
             return
         k = len(self.images)
-        self.images.append(ShownImage(crop.image, crop.frame, f"{self.sample.id}/crop-{k}"))
+        win = ",".join(f"{v:g}" for v in crop.frame.window)
+        self.images.append(ShownImage(crop.image, crop.frame,
+                                      f"{self.key_base}/crop-{win}-{crop.image.size[0]}-{zoom.draw_dot}-{zoom.source}"))
         self.crops.append({"point": list(crop.point), "frame": full.frame.to_dict(), "window": list(crop.window),
                            "window_original": list(crop.frame.window)})
         self.segments.append(Segment("observation", ids, text, n_images=1))
