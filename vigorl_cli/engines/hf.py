@@ -31,16 +31,24 @@ from vigorl_cli.models.load import ModelBundle, mm_token_type_ids, vision_specia
 class SeededSampler(LogitsProcessor):
     """Samples each row with its own generator; returns scores that make greedy selection pick that sample."""
 
-    def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int], prompt_len: int):
+    def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int], prompt_len: int,
+                 device: torch.device | str = "cpu"):
         self.p = params
         self.gens = []
-        for s in seeds:
-            g = torch.Generator(device="cpu")
+        for s in seeds:  # generators live where the logits are: no device→host copy of [B, V] probs per step
+            g = torch.Generator(device=device)
             g.manual_seed(int(s))
             self.gens.append(g)
         self.suppress = torch.tensor(suppress_ids, dtype=torch.long) if suppress_ids else None
         self.prompt_len = prompt_len
-        self.logprobs: list[list[float]] = [[] for _ in seeds]
+        self._steps: list[torch.Tensor] = []
+
+    @property
+    def logprobs(self) -> list[list[float]]:
+        """Per row, the raw log-prob of every sampled token (one host sync, at the end)."""
+        if not self._steps:
+            return [[] for _ in self.gens]
+        return torch.stack(self._steps, dim=1).float().cpu().tolist()  # [B, steps]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raw = scores.float()
@@ -66,11 +74,10 @@ class SeededSampler(LogitsProcessor):
                 drop = (cum - probs) >= self.p.top_p  # keep the smallest prefix whose mass reaches top_p
                 sorted_x = sorted_x.masked_fill(drop, float("-inf"))
                 x = torch.full_like(x, float("-inf")).scatter(1, idx, sorted_x)
-            probs = torch.softmax(x, dim=-1).cpu()
+            probs = torch.softmax(x, dim=-1)
             chosen = torch.stack([torch.multinomial(probs[i], 1, generator=self.gens[i])[0]
-                                  for i in range(probs.shape[0])]).to(scores.device)
-        for i, t in enumerate(chosen.tolist()):
-            self.logprobs[i].append(float(logp_raw[i, t]))
+                                  for i in range(probs.shape[0])])
+        self._steps.append(logp_raw.gather(1, chosen[:, None]).squeeze(1))  # [B], kept on device until the end
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen[:, None], 0.0)
         return out
@@ -176,7 +183,7 @@ class HFEngine:
         if pix:
             inputs["pixel_values"] = torch.cat(pix).to(device, dtype=self.model.dtype)
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
-        sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, width)
+        sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, width, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
         # generate() fills unset fields from the checkpoint's generation config (suppress_tokens, top_k, ...):
@@ -189,7 +196,8 @@ class HFEngine:
         finally:
             self.model.generation_config = saved
         new = gen[:, width:].tolist()
-        return [self._finish(new[i], sampler.logprobs[i], params) for i in range(len(chunk))]
+        logprobs = sampler.logprobs
+        return [self._finish(new[i], logprobs[i], params) for i in range(len(chunk))]
 
     def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
         """Cut a row at its first eos token or stop string (inclusive); what follows is padding."""

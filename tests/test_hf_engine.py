@@ -1,0 +1,86 @@
+"""HF engine: seeded sampling independent of batching, raw log-probs, stop strings, n samples, vision tokens."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from vigorl_cli.engines.base import GenerationRequest, SamplingParams, derive_seed
+from vigorl_cli.engines.hf import HFEngine
+from vigorl_cli.models.load import mm_token_type_ids, vision_special_ids
+
+
+def _req(bundle, text, img, **kw):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = bundle.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return GenerationRequest(ids, [img], SamplingParams(**kw))
+
+
+IM1 = Image.new("RGB", (200, 120), (255, 0, 0))
+IM2 = Image.new("RGB", (80, 300), (0, 0, 255))
+
+
+def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tiny_bundle):
+    eng = HFEngine(tiny_bundle, batch_size=8)
+    r1 = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
+    r2 = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=12)
+    alone = eng.generate([r1])[0][0]
+    batched = eng.generate([r2, r1])[1][0]
+    assert alone.token_ids == batched.token_ids
+    assert eng.generate([_req(tiny_bundle, "What colour is it?", IM1, seed=3, max_new_tokens=12)])[0][0].token_ids \
+        != alone.token_ids
+
+
+def test_logprobs_are_raw_policy_logprobs(tiny_bundle):
+    """The sampled tokens' log-probs equal a plain forward pass's log_softmax (temperature 1, no processors),
+    even when sampling used temperature, top-p and suppression, and for a left-padded row."""
+    eng = HFEngine(tiny_bundle, batch_size=8)
+    r_short = _req(tiny_bundle, "x", IM1, seed=5, max_new_tokens=10, temperature=0.7, top_p=0.9)
+    r_long = _req(tiny_bundle, "a much longer question that forces padding", IM2, seed=6, max_new_tokens=10,
+                  temperature=0.7, top_p=0.9)
+    for req, comp in zip([r_short, r_long], eng.generate([r_short, r_long])):
+        c = comp[0]
+        pv, grid = eng.encode_images(req.images)
+        ids = torch.tensor([eng.expand(req.prompt_ids, grid) + c.token_ids])
+        with torch.no_grad():
+            out = tiny_bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv,
+                                    image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids(ids, tiny_bundle.config))
+        P = ids.shape[1] - len(c.token_ids)
+        lp = torch.log_softmax(out.logits[0, P - 1:-1].float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])
+        assert torch.allclose(lp.squeeze(-1), torch.tensor(c.logprobs), atol=1e-5)
+
+
+def test_stop_strings_end_the_completion_inclusively(tiny_bundle):
+    eng = HFEngine(tiny_bundle)
+    c = eng.generate([_req(tiny_bundle, "x", IM1, seed=5, max_new_tokens=40, stop=("e",))])[0][0]
+    if c.finish_reason == "stop":
+        assert c.text.endswith("e") and c.stop_reason in ("e", "eos") and c.text.count("e") == 1 or \
+            c.stop_reason == "eos"
+    else:
+        assert "e" not in c.text and len(c.token_ids) == 40
+
+
+def test_n_samples_get_distinct_derived_seeds_and_greedy_is_deterministic(tiny_bundle):
+    eng = HFEngine(tiny_bundle)
+    outs = eng.generate([_req(tiny_bundle, "x", IM1, seed=7, n=3, max_new_tokens=8)])[0]
+    assert len(outs) == 3 and len({tuple(o.token_ids) for o in outs}) > 1
+    g = eng.generate([_req(tiny_bundle, "x", IM1, n=2, temperature=0.0, max_new_tokens=8)])[0]
+    assert g[0].token_ids == g[1].token_ids
+    assert derive_seed(1, "a", 0) == derive_seed(1, "a", 0) != derive_seed(1, "a", 1)
+
+
+def test_vision_special_tokens_are_never_sampled(tiny_bundle):
+    eng = HFEngine(tiny_bundle)
+    outs = eng.generate([_req(tiny_bundle, "x", IM1, seed=s, max_new_tokens=32, temperature=2.0) for s in range(4)])
+    banned = set(vision_special_ids(tiny_bundle.tokenizer))
+    assert all(not set(o[0].token_ids) & banned for o in outs)
+
+
+def test_placeholder_count_mismatch_is_an_error(tiny_bundle):
+    eng = HFEngine(tiny_bundle)
+    req = _req(tiny_bundle, "x", IM1)
+    import pytest
+
+    with pytest.raises(ValueError, match="placeholders"):
+        eng.expand(req.prompt_ids, torch.tensor([[1, 4, 4], [1, 4, 4]]))
