@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -45,16 +44,15 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="evtp-"))
     root = work / "demo"
-    generate_demo(root, n_per_task=max(40, 4 * args.n))
+    generate_demo(root, n_per_task=max(40, 16 * args.n))
     if args.tiny:
-        model = "tiny-qwen2.5-vl"
+        bundle = load_model("tiny-qwen2.5-vl", attn_implementation="sdpa")
     else:
-        from vigorl_cli.models.shapes import build_shaped
+        from vigorl_cli.models.shapes import shaped_bundle
 
         t = time.time()
-        model = str(build_shaped(args.shape, work / "model", max_pixels=504 * 504))
+        bundle = shaped_bundle(args.shape, max_pixels=504 * 504)
         print(f"built {args.shape} in {time.time() - t:.1f}s", flush=True)
-    bundle = load_model(model, attn_implementation="sdpa")
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     bench = get_benchmark(args.bench)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
@@ -90,7 +88,6 @@ def main() -> None:
     print(json.dumps(final), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(final, indent=2))
-    os.environ.get("KEEP") or None
 
 
 if __name__ == "__main__":

@@ -82,3 +82,28 @@ def build_shaped(shape: str, out_dir: str | Path, dtype: str = "bfloat16", devic
         p.write_text(json.dumps(d, indent=2))
     del model
     return out
+
+
+def shaped_bundle(shape: str, dtype: str = "bfloat16", device: str | None = None, max_pixels: int = 28 * 28 * 1280,
+                  attn_implementation: str = "sdpa"):
+    """The same model as :func:`build_shaped`, in memory (no multi-GB write and read back): a ModelBundle."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_cli.models.load import ModelBundle, load_processor
+    from vigorl_cli.models.tiny import VISION_SPECIAL_TOKENS, tiny_path
+
+    cfg, tok = shaped_config(shape)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=getattr(torch, dtype),
+                                                        attn_implementation=attn_implementation)
+    model.eval()
+    gc = model.generation_config
+    gc.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    gc.pad_token_id = tok.pad_token_id
+    gc.suppress_tokens = [tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+    # the tiny model's tokenizer is the same one (same training corpus), so its processor files fit
+    proc = load_processor(tiny_path("tiny-qwen2.5-vl"), "qwen2_5_vl", min_pixels=56 * 56, max_pixels=max_pixels)
+    return ModelBundle(model=model, processor=proc, path=f"<random {shape}>", kind="qwen2_5_vl")
