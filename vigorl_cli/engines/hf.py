@@ -4,9 +4,10 @@ Design points (environment.md §2.2 pitfalls are handled here):
 
 * **Per-request seeds, independent of batching.** HF ``generate`` samples every row from one global RNG, so the
   same request would sample differently depending on what else is in its batch. We run ``generate`` greedily and
-  do the sampling ourselves in a logits processor (:class:`SeededSampler`) with one ``torch.Generator`` per row,
-  seeded from the request. A request then gives the same tokens alone or in any batch (up to floating-point
-  differences of padded batched attention, which can flip a near-tie).
+  do the sampling ourselves in a logits processor (:class:`SeededSampler`) with the Gumbel-max trick and a
+  counter-based noise stream per row (:func:`gumbel_noise`: a hash of (seed, step, token id)). A request then
+  gives the same tokens alone or in any batch (up to floating-point differences of padded batched attention,
+  which can flip a near-tie), and sampling is one vectorised op per step on the GPU.
 * **Raw log-probs.** The sampler sees the raw logits (no HF processor runs before it: the generation config is
   built fresh, so a checkpoint's own ``suppress_tokens``/``top_k``/temperature never leak in) and records
   ``log_softmax(raw)[token]``: the policy's log-prob at temperature 1, what the trainer recomputes.
@@ -28,18 +29,43 @@ from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParam
 from vigorl_cli.models.load import ModelBundle, mm_token_type_ids, vision_special_ids
 
 
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiply; logical shifts via masks)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """``[B, V]`` Gumbel(0, 1) noise that depends only on (row seed, step, token id): a counter-based RNG.
+
+    Sampling ``argmax(logits / T + noise)`` draws from ``softmax(logits / T)`` (the Gumbel-max trick), and because
+    the noise of a row never depends on the other rows, a request samples the same tokens alone or in any batch,
+    with no per-row generator calls (fully vectorised, on the logits' device).
+    """
+    base = _mix64(seeds * _GOLDEN + step)  # [B]
+    x = _mix64(base[:, None] + torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :] * _GOLDEN)
+    u = (((x >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)  # (0, 1)
+    return -torch.log(-torch.log(u))
+
+
 class SeededSampler(LogitsProcessor):
-    """Samples each row with its own generator; returns scores that make greedy selection pick that sample."""
+    """Samples each row from its own seeded stream; returns scores that make greedy selection pick that sample."""
 
     def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int], prompt_len: int,
                  device: torch.device | str = "cpu"):
         self.p = params
-        self.gens = []
-        for s in seeds:  # generators live where the logits are: no device→host copy of [B, V] probs per step
-            g = torch.Generator(device=device)
-            g.manual_seed(int(s))
-            self.gens.append(g)
-        self.suppress = torch.tensor(suppress_ids, dtype=torch.long) if suppress_ids else None
+        self.seeds = torch.tensor([int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.int64, device=device)
+        self.suppress = torch.tensor(suppress_ids, dtype=torch.long, device=device) if suppress_ids else None
         self.prompt_len = prompt_len
         self._steps: list[torch.Tensor] = []
 
@@ -47,21 +73,21 @@ class SeededSampler(LogitsProcessor):
     def logprobs(self) -> list[list[float]]:
         """Per row, the raw log-prob of every sampled token (one host sync, at the end)."""
         if not self._steps:
-            return [[] for _ in self.gens]
+            return [[] for _ in range(self.seeds.shape[0])]
         return torch.stack(self._steps, dim=1).float().cpu().tolist()  # [B, steps]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        raw = scores.float()
+        raw = scores.float()  # [B, V]
         logp_raw = torch.log_softmax(raw, dim=-1)  # [B, V] policy log-probs at T=1
         x = raw.clone()
         if self.suppress is not None:
-            x[:, self.suppress.to(x.device)] = float("-inf")
+            x[:, self.suppress] = float("-inf")
         if self.p.repetition_penalty != 1.0:
             seen = torch.gather(x, 1, input_ids)
             seen = torch.where(seen < 0, seen * self.p.repetition_penalty, seen / self.p.repetition_penalty)
             x = x.scatter(1, input_ids, seen)
         if self.p.temperature <= 0:
-            chosen = x.argmax(dim=-1)
+            chosen = x.argmax(dim=-1)  # [B]
         else:
             x = x / self.p.temperature
             if self.p.top_k and self.p.top_k > 0:
@@ -70,13 +96,10 @@ class SeededSampler(LogitsProcessor):
             if self.p.top_p < 1.0:
                 sorted_x, idx = torch.sort(x, dim=-1, descending=True)
                 probs = torch.softmax(sorted_x, dim=-1)
-                cum = probs.cumsum(dim=-1)
-                drop = (cum - probs) >= self.p.top_p  # keep the smallest prefix whose mass reaches top_p
-                sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-                x = torch.full_like(x, float("-inf")).scatter(1, idx, sorted_x)
-            probs = torch.softmax(x, dim=-1)
-            chosen = torch.stack([torch.multinomial(probs[i], 1, generator=self.gens[i])[0]
-                                  for i in range(probs.shape[0])])
+                drop = (probs.cumsum(dim=-1) - probs) >= self.p.top_p  # keep the smallest prefix reaching top_p
+                x = x.scatter(1, idx, sorted_x.masked_fill(drop, float("-inf")))
+            step = len(self._steps)
+            chosen = (x.double() + gumbel_noise(self.seeds, step, x.shape[-1])).argmax(dim=-1)  # [B]
         self._steps.append(logp_raw.gather(1, chosen[:, None]).squeeze(1))  # [B], kept on device until the end
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen[:, None], 0.0)
