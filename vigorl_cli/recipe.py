@@ -123,6 +123,11 @@ class MCTSConfig:
     sample_timeout_s: float = F(3600.0, "per-sample time limit; a timed-out sample is recorded as an error")
     sampling: SamplingConfig = F(SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=512),
                                  "sampling for each thought step")
+    stop: list[str] = F([], "stop strings for each thought step (reference: none; e.g. ['</think>', '</answer>'] "
+                            "saves the tokens a teacher writes past its one step)")
+    compat: bool = F(False, "reference judging: reference judges, and a rollout that never answers is judged on its "
+                            "last thought (ours: scores 0)")
+    group_n: bool = F(True, "send the samples of one expansion as one request with n > 1 (same trees either way)")
 
 
 @dataclass
@@ -134,6 +139,11 @@ class LinearizeConfig:
     shuffle_prob: float = F(0.2, "multi-turn: probability of moving the first tool call later")
     min_pixels: int = F(2_700_000, "multi-turn: full image is resized into [min_pixels, max_pixels]")
     max_pixels: int = F(2_850_000, "multi-turn: see min_pixels")
+    select: Literal["all", "value"] = F("all", "all: every direct and corrected chain (reference); value: rank "
+                                               "chains by node values, cap corrected chains, dedupe by coordinates")
+    max_corrected_per_tree: int = F(20, "select=value: at most this many corrected chains per tree")
+    compat: bool = F(False, "reproduce the reference linearizer's quirks (answer text kept with a think block "
+                            "written in the same response; no letter stripping)")
 
 
 @dataclass
@@ -167,6 +177,8 @@ class SFTConfig:
     save_every: int = F(100, "optimizer steps between checkpoints")
     keep_last: int = F(2, "checkpoints kept")
     log_every: int = F(1, "optimizer steps between metric lines")
+    eval_every: int = F(0, "optimizer steps between validation-loss passes over data.sft_val (0: only at the end)")
+    logprob_chunk: int = F(1024, "loss: rows of logits computed at once (each chunk is recomputed in backward)")
 
 
 @dataclass

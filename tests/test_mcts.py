@@ -1,0 +1,433 @@
+"""`vigorl mcts`: reference semantics, driver independence (batched == sequential == async), resume after a kill,
+per-sample errors, shards, multi-turn search, and the tree JSON schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vigorl_cli.cli.main import app
+from vigorl_cli.data.formats import write_samples
+from vigorl_cli.data.schema import Sample
+from vigorl_cli.engines.base import Completion, SamplingParams, derive_seed
+from vigorl_cli.engines.hf import HFEngine
+from vigorl_cli.models import prompts
+from vigorl_cli.models.load import load_processor
+from vigorl_cli.models.tiny import tiny_path
+from vigorl_cli.recipe import load_recipe
+from vigorl_cli.search.api import in_shard, run_mcts, search_samples
+from vigorl_cli.search.mcts import (
+    MCTSSettings,
+    TreeSearch,
+    drive_async,
+    drive_batched,
+    drive_sequential,
+    merge_requests,
+)
+from vigorl_cli.search.tree import NODE_KEYS, RECORD_KEYS, ROLLOUT_KEYS, TreeRecord
+from vigorl_cli.vision.frames import Frame
+from vigorl_cli.vision.zoom import ZoomTool
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "<image>\nIs the star above or below the ball?\nA. above\nB. below"
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return load_processor(tiny_path("tiny-qwen2.5-vl"), "qwen2_5_vl")
+
+
+class Teacher:
+    """A seeded fake teacher: ``policy(request, rng) -> text``, sampled per request seed exactly as the HF engine
+    seeds rows (``derive_seed(seed, k)`` for sample k of an ``n > 1`` request). Counts calls and rows."""
+
+    name = "teacher"
+
+    def __init__(self, tok, policy, fail_after: int | None = None, delay: float = 0.0):
+        self.tok, self.policy, self.fail_after, self.delay = tok, policy, fail_after, delay
+        self.calls = self.rows = 0
+
+    def _one(self, r):
+        out = []
+        for k in range(r.params.n):
+            seed = derive_seed(r.params.seed, k) if r.params.n > 1 else r.params.seed
+            text = self.policy(r, random.Random(seed))
+            self.rows += 1
+            if text is None:
+                out.append(Completion([], "", None, "error", error="boom"))
+            else:
+                out.append(Completion(self.tok(text, add_special_tokens=False)["input_ids"], text, None, "stop", "eos"))
+        return out
+
+    def generate(self, requests):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("killed")  # what a kill looks like from inside: nothing after this is written
+        time.sleep(self.delay)
+        return [self._one(r) for r in requests]
+
+    def close(self):
+        pass
+
+
+class AsyncTeacher(Teacher):
+    async def agenerate(self, request):
+        await asyncio.sleep(0)
+        return self._one(request)
+
+
+def forced(r) -> bool:
+    return r.messages[-1]["content"] == prompts.FORCE_FINAL_TEXT
+
+
+def spatial_policy(r, rng):
+    """Thoughts over four points (so repeats happen), answers (with and without option letter), forced answers."""
+    if forced(r) or rng.random() < 0.25:
+        return rng.choice(["<answer> above </answer>", "<answer> B. below </answer>", "<answer> A. above </answer>"])
+    x, y = rng.choice([(10, 20), (30, 40), (50, 12), (20, 50)])
+    return f"<think>\nThe star is near ({x}, {y}).\n</think>"
+
+
+def _searches(proc, n=3, policy_mode="singleturn", max_new_tokens=16, **kw):
+    st = MCTSSettings(sampling=SamplingParams(max_new_tokens=max_new_tokens), mode=policy_mode, seed=7,
+                      zoom=ZoomTool(offset=10, crop_size=28, draw_dot=False), **kw)
+    for i in range(n):
+        s = Sample(id=f"s{i}", images=["x.png"], question=QUESTION, answer="above")
+        yield TreeSearch(s, Image.new("RGB", (56, 56), (i * 40, 90, 90)), Frame.identity(56, 56), proc, st, "x.png")
+
+
+def _run(driver, engine, searches, **kw):
+    """{id: tree record} built by ``driver``."""
+    recs = []
+    driver(engine, searches, lambda t: recs.append(t.tree_record().to_dict() if t.error is None else t.error_record()),
+           **kw)
+    return {r["id"]: r for r in recs}
+
+
+def untimed(recs: dict) -> dict:
+    """Records without their wall-clock fields (the only ones allowed to differ between drivers)."""
+    return {i: {k: v for k, v in r.items() if k not in ("global_search_time", "timings")} for i, r in recs.items()}
+
+
+def json_out(text: str):
+    """The JSON a command printed (a library may log a line to stdout before it)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("{") or line == "[")
+    return json.loads("\n".join(lines[start:]))
+
+
+def _walk(node):
+    yield node
+    for c in node["children"]:
+        yield from _walk(c)
+
+
+def assert_reference_schema(rec: dict) -> None:
+    """The reference tree JSON (§1.7): record keys, node keys, rollout keys, consistent statistics."""
+    for k in (*RECORD_KEYS, "tree"):
+        assert k in rec, k
+    assert rec["tree"]["thought_text"] == rec["question"]
+    for node in _walk(rec["tree"]):
+        assert list(node)[:len(NODE_KEYS)] == list(NODE_KEYS)
+        assert 0.0 <= node["value"] <= 1.0 and node["visit_count"] >= len(node["rollouts"])
+        assert isinstance(node["used_coords"], list)
+        for c in node["children"]:
+            assert set(node["used_coords"]) <= set(c["used_coords"])
+        for ro in node["rollouts"]:
+            assert list(ro)[:len(ROLLOUT_KEYS)] == list(ROLLOUT_KEYS)
+            assert ro["reward"] in (0.0, 1.0) and ro["ephemeral_texts"][0] == rec["question"]
+    # every rollout is one backprop through the root (plus re-visits of terminal leaves)
+    n_rollouts = sum(len(n["rollouts"]) for n in _walk(rec["tree"]))
+    assert rec["tree"]["visit_count"] >= n_rollouts
+    Frame.from_dict(rec["frame"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_mcts_cli_on_demo_data_writes_reference_schema_trees(demo_root, tmp_path):
+    out = tmp_path / "mcts"
+    args = ["mcts", "--recipe", str(ROOT / "recipes" / "demo.yaml"), "--out", str(out), "--data-root", str(demo_root),
+            "--limit", "3", "--set", "mcts.sampling.max_new_tokens=8", "--set", "mcts.rollout_max_steps=2",
+            "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json_out(res.stdout)
+    assert summary["trees"] == 3 and summary["errors"] == {} and summary["steps"] > 0
+    recs = [json.loads(line) for line in (out / "trees.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in recs}) == 3
+    for rec in recs:
+        assert_reference_schema(rec)
+        assert rec["image"].endswith(".png") and Path(rec["image"]).is_file()
+        assert "at least" in rec["system_prompt"] and rec["tree"]["visit_count"] > 0
+    assert (out / "manifest.json").is_file() and (out / "summary.json").is_file()
+    # a rerun finds nothing to do and writes nothing twice
+    res = CliRunner().invoke(app, args)
+    assert json_out(res.stdout)["new_trees"] == 0
+    assert len((out / "trees.jsonl").read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference semantics (scripted teacher)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_expansion_skips_repeated_coordinates_and_answers_become_terminal_children(proc):
+    # Simulation 1 expands the root: A (10, 20), an answer "B. below", C (10,20) written without the space.
+    # Simulation 2 expands A (the best child): a child repeating (10, 20) (written as "(10,20)") is dropped.
+    def policy(r, rng):
+        text = r.messages[1]["content"][1]["text"]
+        k = int(r.request_id.rsplit("/", 1)[1]) if r.params.n == 1 else None
+        if "Previous thought" not in text and "/expand/" in r.request_id:
+            return ["<think>\nA (10, 20).\n</think>", "<answer> B. below </answer>", "<think>\nC (30,40).\n</think>"][k]
+        if "/expand/" in r.request_id:
+            return ["<think>\nagain (10,20)\n</think>", "<think>\nnew (5, 5)\n</think>", "<answer> above </answer>"][k]
+        return "<answer> above </answer>"  # every rollout step answers right away
+
+    st = MCTSSettings(simulations=2, sampling=SamplingParams(max_new_tokens=8), seed=1)
+    t = TreeSearch(Sample(id="q", images=["x.png"], question=QUESTION, answer="above"), Image.new("RGB", (56, 56)),
+                   Frame.identity(56, 56), proc, st)
+    drive_sequential(Teacher(proc.tokenizer, policy), [t], lambda _: None)
+    root = t.root
+    a, b, c = root.children
+    assert (a.thought_text, b.thought_text, b.is_terminal) == ("<think>\nA (10, 20).\n</think>", "below", True)
+    assert b.rollouts[0].ephemeral_texts == [QUESTION, "below"] and b.rollouts[0].reward == 0.0
+    assert a.used_coords == ["(10, 20)"] and c.used_coords == ["(30,40)"]
+    # after simulation 1: 3 children x 2 rollouts = 6 root visits; A and C answered "above" (1), B "below" (0)
+    # -> A.value = C.value = 1, B.value = 0; UCB picks A (first of the tied best) for simulation 2
+    assert [ch.thought_text for ch in a.children] == ["<think>\nnew (5, 5)\n</think>", "above"]
+    assert t.stats["skipped_repeats"] == 1
+    assert a.children[0].used_coords == ["(10, 20)", "(5, 5)"]
+    # simulation 2 adds 2 children x 2 rollouts, all correct: root 6 + 4 = 10 visits, value (4 + 4) / 10
+    assert root.visit_count == 10 and root.value == pytest.approx(0.8)
+    assert a.visit_count == 6 and a.value == pytest.approx(1.0)
+
+
+def test_rollouts_force_the_final_answer_on_their_last_step_and_unanswered_rollouts_score_zero(proc):
+    seen_forced = []
+
+    def policy(r, rng):
+        n_prev = r.messages[1]["content"][1]["text"].count("Previous thought")
+        seen_forced.append((n_prev, forced(r)))
+        return "<think>\nstill looking\n</think>"  # never answers, even when told to
+
+    st = MCTSSettings(simulations=1, children_per_expand=1, rollouts_per_node=1, rollout_max_steps=3, seed=1,
+                      sampling=SamplingParams(max_new_tokens=8))
+    t = TreeSearch(Sample(id="q", images=["x.png"], question=QUESTION, answer="above"), Image.new("RGB", (56, 56)),
+                   Frame.identity(56, 56), proc, st)
+    drive_sequential(Teacher(proc.tokenizer, policy), [t], lambda _: None)
+    # expansion (0 previous thoughts), then rollout steps with 1, 2, 3 previous thoughts; only the last is forced
+    assert seen_forced == [(0, False), (1, False), (2, False), (3, True)]
+    ro = t.root.children[0].rollouts[0]
+    assert (ro.depth, ro.ephemeral_depth, ro.reward, ro.extra["failure"]) == (3, 4, 0.0, "no_answer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The result does not depend on the driver
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_batched_and_sequential_drivers_build_identical_trees_with_the_seeded_hf_engine(tiny_bundle):
+    # one simulation: an expansion (one n=2 request when batched) and 2 x 2 rollouts of 2 steps (the first steps of
+    # a child's rollouts share one n=2 request); two trees with different image sizes share every batch
+    kw = dict(simulations=1, children_per_expand=2, rollouts_per_node=2, rollout_max_steps=2, system_prompt="Think.",
+              max_new_tokens=6)
+    seq_engine, bat_engine = HFEngine(tiny_bundle, batch_size=64), HFEngine(tiny_bundle, batch_size=64)
+    seq = _run(drive_sequential, seq_engine, _searches(tiny_bundle.processor, n=2, **kw))
+    bat = _run(drive_batched, bat_engine, _searches(tiny_bundle.processor, n=2, **kw), in_flight=2)
+    assert untimed(seq) == untimed(bat) and len(seq) == 2
+    assert all(r["stats"]["steps"] > 4 for r in seq.values())
+
+
+def test_batched_async_and_sequential_drivers_agree_and_batching_cuts_engine_calls(proc):
+    seq_t, bat_t, asy_t = (Teacher(proc.tokenizer, spatial_policy), Teacher(proc.tokenizer, spatial_policy),
+                           AsyncTeacher(proc.tokenizer, spatial_policy))
+    seq = _run(drive_sequential, seq_t, _searches(proc, simulations=4))
+    bat = _run(drive_batched, bat_t, _searches(proc, simulations=4), in_flight=3)
+    asy = _run(drive_async, asy_t, _searches(proc, simulations=4), in_flight=3)
+    assert untimed(seq) == untimed(bat) == untimed(asy)
+    assert seq_t.rows == bat_t.rows and bat_t.calls < seq_t.calls / 3  # same work, far fewer engine calls
+    assert any(r["root_correct"] for r in seq.values()) and any(r["stats"]["skipped_repeats"] for r in seq.values())
+    for rec in seq.values():
+        assert_reference_schema(rec)
+
+
+def test_expansion_samples_share_one_request_with_n_and_the_same_seeds(proc):
+    t = next(_searches(proc, n=1))
+    wave = t.start()
+    reqs, sizes = merge_requests(wave)
+    # one expansion of the root: 3 samples -> one request, n=3, seeded with the group's base seed;
+    # sample k of it gets derive_seed(base, k): the seed of the k-th single request
+    assert sizes == [3] and reqs[0].params.n == 3 and reqs[0].params.seed == wave[0].base_seed
+    assert [g.request.params.seed for g in wave] == [derive_seed(wave[0].base_seed, k) for k in range(3)]
+    assert merge_requests(wave, group_n=False)[1] == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume, errors, shards
+# ---------------------------------------------------------------------------------------------------------------
+
+def _write_data(tmp_path, n=5, missing=()):
+    samples = []
+    for i in range(n):
+        if f"s{i}" not in missing:
+            Image.new("RGB", (56, 56), (i * 30, 80, 80)).save(tmp_path / f"s{i}.png")
+        samples.append(Sample(id=f"s{i}", images=[f"s{i}.png"], question=QUESTION, answer="above"))
+    write_samples(tmp_path / "mcts.jsonl", samples, "llava")
+    return samples
+
+
+def _settings(**kw):
+    return MCTSSettings(simulations=3, sampling=SamplingParams(max_new_tokens=8), seed=3, **kw)
+
+
+def test_resumed_mcts_run_produces_same_trees_with_none_lost_or_duplicated(proc, tmp_path):
+    samples = _write_data(tmp_path)
+    full = tmp_path / "full"
+    teacher = Teacher(proc.tokenizer, spatial_policy)
+    search_samples(samples, teacher, proc, _settings(), full, tmp_path, in_flight=2)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):  # killed half way: some trees done, others in flight
+        search_samples(samples, Teacher(proc.tokenizer, spatial_policy, fail_after=teacher.calls // 2), proc,
+                       _settings(), part, tmp_path, in_flight=2)
+    before = (part / "trees.jsonl").read_text().splitlines()
+    assert 0 < len(before) < 5
+    with open(part / "trees.jsonl", "a") as f:
+        f.write('{"question": "torn li')  # a kill mid-write leaves a torn last line
+    summary = search_samples(samples, Teacher(proc.tokenizer, spatial_policy), proc, _settings(), part, tmp_path,
+                             in_flight=2)
+    after = (part / "trees.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before and summary["new_trees"] == 5 - len(before)
+
+    def trees(path):
+        recs = [json.loads(line) for line in (path / "trees.jsonl").read_text().splitlines()]
+        return {r["id"]: {k: v for k, v in r.items() if k not in ("global_search_time", "timings")} for r in recs}
+
+    assert len(after) == 5 and trees(part) == trees(full)
+
+
+def test_killed_cli_run_resumes_without_losing_or_duplicating_a_tree(demo_root, tmp_path, tiny_bundle):
+    out = tmp_path / "mcts"
+    sets = ["mcts.trees_in_flight=1", "mcts.simulations=1", "mcts.sampling.max_new_tokens=8",
+            "mcts.rollout_max_steps=2"]
+    args = ["mcts", "--recipe", str(ROOT / "recipes" / "demo.yaml"), "--out", str(out), "--data-root", str(demo_root),
+            "--limit", "3"] + [a for kv in sets for a in ("--set", kv)]
+    env = dict(os.environ, VIGORL_QUIET="1")
+    p = subprocess.Popen([sys.executable, "-m", "vigorl_cli", *args], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd=ROOT)
+    trees = out / "trees.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if trees.exists() and trees.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = trees.read_text().splitlines(keepends=True)
+    complete = [line for line in before if line.endswith("\n")]
+    assert len(complete) >= 1  # (on a fast machine the kill may land late; resume must still be exact)
+    # resume (in-process, reusing the loaded tiny model)
+    r = load_recipe(ROOT / "recipes" / "demo.yaml", sets)
+    summary = run_mcts(r, out=out, data_root=demo_root, limit=3, bundle=tiny_bundle)
+    assert summary["trees"] == 3 and summary["new_trees"] == 3 - len(complete)
+    ids = [json.loads(line)["id"] for line in trees.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 3
+    assert trees.read_text().startswith("".join(complete))
+
+
+def test_failed_samples_are_recorded_with_their_kind_and_retried_by_a_rerun(proc, tmp_path):
+    samples = _write_data(tmp_path, n=4, missing=("s1",))
+
+    def policy(r, rng):
+        if r.request_id.startswith("s2/"):
+            return None  # the engine fails this sample's requests
+        return spatial_policy(r, rng)
+
+    out = tmp_path / "out"
+    summary = search_samples(samples, Teacher(proc.tokenizer, policy), proc, _settings(), out, tmp_path)
+    errors = {json.loads(line)["id"]: json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert errors["s1"]["error"] == "image_error" and errors["s2"]["error"] == "engine_error"
+    assert summary["trees"] == 2 and summary["errors"] == {"image_error": 1, "engine_error": 1}
+    slow = search_samples(samples, Teacher(proc.tokenizer, spatial_policy, delay=0.05), proc,
+                          _settings(timeout_s=0.01), out, tmp_path)
+    assert slow["errors"] == {"image_error": 1, "timeout": 1}  # s2 retried (and timed out); s0, s3 not redone
+    last = json.loads((out / "errors.jsonl").read_text().splitlines()[-1])
+    assert last["id"] == "s2" and last["timeout_seconds"] == 0.01
+
+
+def test_shards_split_the_ids_into_disjoint_parts_and_write_their_own_files(proc, tmp_path):
+    ids = [f"id-{i}" for i in range(200)]
+    parts = [{i for i in ids if in_shard(i, (k, 3))} for k in range(3)]
+    assert sum(len(p) for p in parts) == 200 and set().union(*parts) == set(ids) and all(len(p) > 40 for p in parts)
+    samples = _write_data(tmp_path, n=4)
+    out = tmp_path / "out"
+    for k in range(2):
+        search_samples(samples, Teacher(proc.tokenizer, spatial_policy), proc, _settings(), out, tmp_path,
+                       shard=(k, 2))
+    got = [json.loads(line)["id"] for k in range(2)
+           for line in (out / f"trees.shard-{k}-of-2.jsonl").read_text().splitlines()]
+    assert sorted(got) == [s.id for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-turn search and the schema
+# ---------------------------------------------------------------------------------------------------------------
+
+def multiturn_policy(r, rng):
+    if r.messages[-1].get("prefix"):  # the forced-answer prefix is pending: finish the answer
+        return " above </answer>"
+    if rng.random() < 0.3:
+        return rng.choice(["<think> seen </think>\n<answer> above </answer>", "<think> hm </think>\n<answer> below </answer>"])
+    x, y = rng.choice([(10, 20), (30, 40), (50, 50), (20, 5)])
+    return f"<think> look at ({x}, {y}) </think>\n" + prompts.tool_call_text(x, y)
+
+
+def test_multiturn_search_feeds_crops_back_and_records_them_for_linearization(proc):
+    kw = dict(simulations=3, policy_mode="multiturn")
+    seq = _run(drive_sequential, Teacher(proc.tokenizer, multiturn_policy), _searches(proc, n=2, **kw))
+    bat = _run(drive_batched, Teacher(proc.tokenizer, multiturn_policy), _searches(proc, n=2, **kw), in_flight=2)
+    assert untimed(seq) == untimed(bat)
+    rec = seq["s0"]
+    assert rec["mode"] == "multiturn" and rec["tool"]["offset"] == 10 and "search_coordinate" in rec["system_prompt"]
+    nodes = list(_walk(rec["tree"]))[1:]
+    with_crop = [n for n in nodes if "crop" in n]
+    assert with_crop and all("<tool_call>" in n["thought_text"] for n in with_crop)
+    for n in with_crop:  # the crop's point is the tool call's coordinate, in the tree's frame
+        assert f"[{n['crop']['point'][0]}, {n['crop']['point'][1]}]" in n["thought_text"]
+    rollouts = [ro for n in nodes for ro in n["rollouts"]]
+    assert any(ro["reward"] == 1.0 for ro in rollouts)
+    for ro in rollouts:  # every turn that called the tool is listed with its point
+        turns = {c["turn"] for c in ro["crops"]}
+        assert turns == {k for k, t in enumerate(ro["ephemeral_texts"]) if k and "<tool_call>" in t}
+
+
+def test_tree_records_round_trip_for_reference_trees_and_ours(proc):
+    reference = {"question": QUESTION, "image": "/data/x.png", "true_answer": "above", "system_prompt": "S",
+                 "global_search_time": 12.5, "id": "7",
+                 "tree": {"thought_text": QUESTION, "is_terminal": False, "value": 0.5, "visit_count": 2,
+                          "used_coords": [], "rollouts": [],
+                          "children": [{"thought_text": "<think>\nA (1, 2).\n</think>", "is_terminal": False,
+                                        "value": 0.5, "visit_count": 2, "used_coords": ["(1, 2)"],
+                                        "rollouts": [{"final_answer": "above", "reward": 1.0,
+                                                      "ephemeral_texts": [QUESTION, "<think>\nA (1, 2).\n</think>",
+                                                                          "<answer> above </answer>"],
+                                                      "ephemeral_depth": 2, "depth": 1, "num_same_points": 0,
+                                                      "num_different_points": 0}],
+                                        "children": []}]}}
+    rec = TreeRecord.from_dict(reference)
+    assert rec.to_dict() == reference and json.dumps(rec.to_dict()) == json.dumps(reference)
+    assert rec.tree.children[0].path_id == "0" and rec.root_correct and rec.n_nodes() == 1
+    ours = next(iter(_run(drive_batched, Teacher(proc.tokenizer, spatial_policy), _searches(proc, n=1)).values()))
+    assert TreeRecord.from_dict(ours).to_dict() == ours
+    with pytest.raises(ValueError):
+        TreeRecord.from_dict({"id": "x", "error": "timeout"})

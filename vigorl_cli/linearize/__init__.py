@@ -1,0 +1,1 @@
+"""Trees → SFT data: single-turn chains (``single``) and multi-turn zoom dialogs (``multiturn``); ``api`` runs both."""
