@@ -1,0 +1,415 @@
+"""`vigorl grpo`: group relative policy optimisation, single-turn or multi-turn with the zoom tool, one function.
+
+    vigorl grpo --recipe recipes/demo.yaml --model runs/sft/model --out runs/grpo
+    vigorl grpo --recipe recipes/vstar.yaml --set tool.enabled=true --set grpo.group_size=8 --out runs/grpo-mt
+
+Each step: **rollout** (episodes through the engine: the HF engine samples from the live policy, so no weight sync
+is needed; a vLLM engine gets the new weights after every update) → **score** (the reward preset or a
+``module:function`` plug-in, on the whole trajectory) → **advantages** (group-normalised) → **old / reference
+log-probs** (trainer numerics; compared with the engine's log-probs every step) → **update** (dual-clip PPO over
+mini-batches of ``responses_per_update``, ``ppo_epochs`` passes) → **log** → **checkpoint**. The objective and its
+variants are documented in :mod:`vigorl_cli.train.losses`.
+
+Token-exact: the trainer scores exactly the ids the engine sampled (the episode loop never re-tokenizes), with the
+loss on sampled tokens only (observation turns, forced text and role headers are masked by construction).
+Re-running on the same ``--out`` resumes from the last checkpoint with the same prompt order and seeds.
+
+Batch accounting (reference §5.8): one rollout step draws ``prompts_per_step`` prompts × ``group_size`` responses;
+the update walks them in mini-batches of ``responses_per_update`` (one optimizer step each), each made of
+micro-batches of ``micro_batch_size`` whose token-mean losses are averaged (divided by the micro-batch count).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vigorl_cli.errors import CheckpointError, DataError, RecipeError
+from vigorl_cli.recipe import Recipe
+
+
+def constant_lr(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warmup over ``int(warmup_ratio * total)`` steps, then constant (the reference's GRPO schedule)."""
+    warmup = int(warmup_ratio * total)
+    return peak * (step + 1) / (warmup + 1) if step < warmup else peak
+
+
+def prompt_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Prompt indices of rollout step ``step``: consecutive slices of seeded per-epoch permutations."""
+    per_epoch = max(1, n // per_step)
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+    if n < per_step:  # tiny data sets: cycle
+        return [perm[(j * per_step + k) % n] for k in range(per_step)]
+    return perm[j * per_step:(j + 1) * per_step]
+
+
+def load_rl_samples(files: list[Path], max_samples: int | None, seed: int, log: Callable[[str], None]):
+    import random
+
+    from vigorl_cli.data.formats import read_samples
+
+    samples = []
+    for f in files:
+        sf = read_samples(f)
+        for e in sf.errors[:10]:
+            log(f"skipped {e}")
+        got = sf.samples
+        if max_samples is not None and len(got) > max_samples:
+            got = list(got)
+            random.Random(seed).shuffle(got)
+            got = got[:max_samples]
+        samples.extend(got)
+    return samples
+
+
+def build_policy(recipe: Recipe, model: str | None, log: Callable[[str], None]):
+    """The trainable policy (fp32 master weights), its processor, and a frozen reference copy when KL is used."""
+    from vigorl_cli.models.load import load_model
+
+    g = recipe.grpo
+    name = model or recipe.model.name
+    kw = dict(dtype="float32", attn_implementation=recipe.model.attn_implementation, device="cpu",
+              min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels, revision=recipe.model.revision,
+              trust_remote_code=recipe.model.trust_remote_code)
+    bundle = load_model(name, **kw)
+    hf = bundle.model
+    if g.freeze_vision:
+        for p in hf.model.visual.parameters():
+            p.requires_grad_(False)
+    if g.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.disable_input_require_grads()  # keep autograd out of the frozen vision tower (gpu-baseline.md)
+    ref = None
+    if g.kl_coef != 0.0:
+        ref = load_model(name, **kw).model
+        ref.requires_grad_(False)
+        ref.eval()
+    n_train = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    log(f"policy {name}: {sum(p.numel() for p in hf.parameters()):,} parameters, {n_train:,} trainable"
+        + (", frozen reference for KL" if ref is not None else ""))
+    return hf, bundle.processor, ref, name
+
+
+def _per_token(batch, per_example: list[torch.Tensor | float]) -> torch.Tensor:
+    """Scatter one value (scalar) or one vector (over the example's scored positions) per example into the batch
+    layout ``[B, L]`` (padded) / ``[1, T]`` (packed), at the scored positions."""
+    from vigorl_cli.train.batching import IGNORE
+
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32)
+    scored = (batch.targets != IGNORE).cpu()
+    offset = 0
+    for i, (n, v) in enumerate(zip(batch.seq_lens, per_example)):
+        row, sl = (0, slice(offset, offset + n)) if batch.packed else (i, slice(0, n))
+        m = scored[row, sl]
+        if isinstance(v, torch.Tensor) and v.dim() == 1:
+            vals = torch.zeros(n)
+            vals[m] = v[: int(m.sum())].float()
+            out[row, sl] = vals
+        else:
+            out[row, sl] = torch.where(m, torch.tensor(float(v)), torch.tensor(0.0))
+        offset += n
+    return out
+
+
+def _expanded_example(ep, processor, image_token_id: int, sid: str):
+    """Episode → training Example: placeholders expanded by each image's grid, loss on sampled tokens."""
+    from vigorl_cli.train.batching import Example, image_token_count
+
+    counts = iter([image_token_count(processor, si.image.size) for si in ep.images])
+    ids, mask = [], []
+    for t, m in zip(ep.prompt_ids, ep.loss_mask()):
+        if t == image_token_id:
+            k = next(counts)
+            ids.extend([t] * k)
+            mask.extend([0] * k)
+        else:
+            ids.append(t)
+            mask.append(m)
+    return Example.from_ids(sid, ids, [bool(m) for m in mask], [si.image for si in ep.images], image_token_id)
+
+
+def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | None = None,
+          out: str | Path | None = None, resume: bool = True, log: Callable[[str], None] = print,
+          progress_factory: Callable[[], Any] | None = None,
+          reward_fn: Callable[[Any], dict[str, float]] | None = None) -> dict:
+    """Run ``recipe.grpo``; returns the summary (also ``out/summary.json``). The final HF folder is ``out/model``."""
+    from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+    from vigorl_cli.agent.images import load_for_model
+    from vigorl_cli.data.io import atomic_write_json
+    from vigorl_cli.data.schema import Target
+    from vigorl_cli.engines.base import SamplingParams, derive_seed
+    from vigorl_cli.engines.hf import HFEngine
+    from vigorl_cli.models import prompts
+    from vigorl_cli.models.load import ModelBundle
+    from vigorl_cli.rewards.presets import RewardInput, build_reward
+    from vigorl_cli.train.batching import IGNORE, Collator, LogProbModel, rope_index_of
+    from vigorl_cli.train.checkpoint import (latest_checkpoint, link_or_copy_tree, load_checkpoint,
+                                             read_trainer_state, save_checkpoint)
+    from vigorl_cli.train.losses import group_advantages, informative_groups, masked_entropy_from_logp, policy_loss
+    from vigorl_cli.train.metrics import make_loggers
+    from vigorl_cli.train.parallel import OptimConfig, setup, teardown, wrap
+    from vigorl_cli.vision.zoom import ZoomTool
+
+    g = recipe.grpo
+    out_dir = Path(out if out is not None else recipe.output.dir)
+    ckpt_root = out_dir / "checkpoints"
+    if g.parallel != "single":
+        raise RecipeError(f"grpo.parallel={g.parallel} is not supported yet: GRPO runs in one process (one GPU)",
+                          hint="--set grpo.parallel=single; multi-GPU GRPO is tracked in the multi-GPU issue")
+
+    # ---- setup: process, model, data, engine ----------------------------------------------------------------
+    dist = setup(g.parallel)
+    try:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is not None and not resume:
+            raise CheckpointError(f"{out_dir} already holds checkpoints (latest {latest.name})",
+                                  hint="use a new --out, or drop --no-resume to continue that run")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bf16 = dist.device.type == "cuda"
+        torch.manual_seed(recipe.seed)
+        hf, processor, ref, model_name = build_policy(recipe, model, log)
+        files = [Path(p) for p in data] if data else [recipe.data_root() / f for f in recipe.data.rl_train]
+        if not files:
+            raise RecipeError("no GRPO training data", hint="pass --data FILE or set data.rl_train in the recipe")
+        samples = load_rl_samples(files, recipe.data.max_samples, recipe.seed, log)
+        if not samples:
+            raise DataError(f"no usable samples in {', '.join(map(str, files))}")
+        roots = [recipe.data_root(), *{f.parent for f in files}]
+        run = wrap(LogProbModel(hf), dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
+                                                       max_grad_norm=g.max_grad_norm, bf16=bf16))
+        collate = Collator(processor, hf.config, rope_index_of(hf), packing=False)
+        if ref is not None:
+            ref = ref.to(dist.device, dtype=torch.bfloat16 if bf16 else torch.float32)
+            ref_lp = LogProbModel(ref)
+        multi = recipe.tool.enabled
+        reward = reward_fn or build_reward(recipe.reward, multiturn=multi)
+        backend = recipe.engine.backend
+        if backend == "hf":
+            engine = HFEngine(ModelBundle(hf, processor, model_name, "policy"), batch_size=recipe.engine.batch_size,
+                              seed=recipe.seed)
+        elif backend == "vllm":
+            from vigorl_cli.engines.vllm import VLLMEngine
+
+            engine = VLLMEngine(str(model_name), dtype=recipe.model.dtype, seed=recipe.seed,
+                                gpu_memory_utilization=recipe.engine.gpu_memory_utilization,
+                                max_model_len=recipe.engine.max_model_len, enforce_eager=recipe.engine.enforce_eager,
+                                min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+                                limit_images=recipe.tool.max_images)
+        else:
+            raise RecipeError("grpo rolls out with the hf or vllm engine (the policy changes every step)",
+                              hint="--set engine.backend=hf")
+        system = recipe.prompt.system or prompts.system_prompt(recipe.prompt.preset,
+                                                               "multiturn" if multi else "single",
+                                                               literal_newlines=recipe.prompt.literal_newlines)
+        ep_cfg = EpisodeConfig(
+            sampling=SamplingParams.from_config(g.sampling, n=1), multiturn=multi,
+            zoom=ZoomTool(offset=recipe.tool.offset, crop_size=recipe.tool.crop_size, draw_dot=recipe.tool.draw_dot)
+            if multi else None, max_turns=recipe.tool.max_turns, max_images=recipe.tool.max_images,
+            max_response_tokens=g.max_response_len)
+        image_token_id = hf.config.image_token_id
+
+        # ---- resume ----------------------------------------------------------------------------------------
+        start, history = 0, []
+        if latest is not None:
+            state = load_checkpoint(latest, run)
+            start, history = state["step"], state.get("rewards", [])
+            log(f"resumed from {latest} (step {start}/{g.steps})")
+            if backend == "vllm":
+                engine.update_weights(run.full_state_dict())
+        atomic_write_json(out_dir / "manifest.json", {"command": "grpo", "recipe": recipe.to_dict(),
+                                                      "model": str(model_name), "n_prompts": len(samples),
+                                                      "data": [str(f) for f in files]})
+        logger = make_loggers(recipe.output, out_dir, dist.is_main, resume_step=start if latest else None,
+                              config=recipe.to_dict())
+        prog = progress_factory() if progress_factory is not None else None
+        task = None
+        if prog is not None:
+            prog.start()
+            task = prog.add_task("grpo", total=g.steps, completed=start, stats="")
+        last_ckpt = latest if start >= g.steps else None
+        image_cache: dict[str, tuple] = {}
+        t_run = time.perf_counter()
+
+        for step in range(start, g.steps):
+            timing: dict[str, float] = {}
+            # ---- 1. rollout: group_size episodes per prompt --------------------------------------------------
+            t0 = time.perf_counter()
+            run.eval()
+            idx = prompt_indices(len(samples), step, g.prompts_per_step, recipe.seed)
+            episodes, groups, image_failures = [], [], 0
+            for gi, i in enumerate(idx):
+                s = samples[i]
+                try:
+                    if s.id not in image_cache:
+                        path = s.image_paths(roots[0])[0]
+                        if not path.exists():
+                            path = next((Path(r) / s.images[0] for r in roots if (Path(r) / s.images[0]).exists()),
+                                        path)
+                        image_cache[s.id] = load_for_model(path, processor)
+                    original, frame, shown = image_cache[s.id]
+                except (OSError, ValueError, IndexError):
+                    image_failures += 1
+                    continue
+                for k in range(g.group_size):
+                    episodes.append(Episode(s, shown, frame, system, processor, ep_cfg,
+                                            seed=derive_seed(recipe.seed, "grpo", step), draw=k, original=original))
+                    groups.append(gi)
+            if not episodes:
+                raise DataError("no prompt of this step could be loaded (all images failed)")
+            with torch.no_grad():
+                run_episodes(engine, episodes)
+            timing["rollout_s"] = time.perf_counter() - t0
+
+            # ---- 2. score ---------------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            parts = []
+            for ep in episodes:
+                gt = None
+                s = ep.sample
+                if s.target is not None and (s.target.box is not None or s.target.point is not None):
+                    f = ep.images[0].frame  # judges compare in the frame the model saw
+                    gt = Target(box=f.box_from_original(s.target.box, exact=True), frame="shown") \
+                        if s.target.box is not None else \
+                        Target(point=f.from_original(s.target.point, exact=True, check=False), frame="shown")
+                inp = RewardInput(response=ep.turn_texts if multi else (ep.turn_texts[-1] if ep.turn_texts else ""),
+                                  sample=s, gt=gt, tool_points=[tuple(c["point"]) for c in ep.crops],
+                                  image_size=ep.images[0].image.size)
+                r = reward(inp)
+                parts.append(r if isinstance(r, dict) else {"overall": float(r)})
+            rewards = torch.tensor([p["overall"] for p in parts], dtype=torch.float32)
+            truncated = torch.tensor([(not ep.ends_with_eos) or ep.finish == "budget" for ep in episodes])
+            if g.truncated == "penalize":
+                rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
+            gids = torch.tensor(groups)
+            adv = group_advantages(rewards, gids, g.adv_norm)  # [N]
+            keep = torch.ones(len(episodes), dtype=torch.bool)
+            if g.filter_equal_groups:
+                keep &= informative_groups(rewards, gids)
+            if g.truncated == "mask":
+                keep &= ~truncated
+            timing["reward_s"] = time.perf_counter() - t0
+
+            # ---- 3. training examples, old and reference log-probs ----------------------------------------------
+            t0 = time.perf_counter()
+            items = []
+            for i, ep in enumerate(episodes):
+                if not bool(keep[i]) or sum(ep.loss_mask()) == 0:
+                    continue
+                ex = _expanded_example(ep, processor, image_token_id, f"{ep.sample.id}#{ep.draw}")
+                eng_lp = [v for sgm in ep.segments if sgm.kind == "sampled" for v in (sgm.logprobs or [])]
+                items.append((ex, float(adv[i]), torch.tensor(eng_lp) if eng_lp else None))
+            micro = [items[k:k + g.micro_batch_size] for k in range(0, len(items), g.micro_batch_size)]
+            prepared = []
+            diffs = []
+            with torch.no_grad():
+                for mb in micro:
+                    batch = collate([ex for ex, _, _ in mb]).to(dist.device)
+                    with run.autocast():
+                        old = run.module(**batch.model_inputs()).float()  # [B, L]
+                        refl = ref_lp(**batch.model_inputs()).float() if ref is not None else None
+                    mask = (batch.targets != IGNORE)
+                    engine_lp = None
+                    if all(e is not None for _, _, e in mb):
+                        engine_lp = _per_token(batch, [e for _, _, e in mb]).to(dist.device)
+                        diffs.append(((old - engine_lp).abs() * mask).sum().item() / max(1, int(mask.sum())))
+                    prepared.append((batch, _per_token(batch, [a for _, a, _ in mb]).to(dist.device), old, refl,
+                                     engine_lp, mask))
+            timing["logprob_s"] = time.perf_counter() - t0
+
+            # ---- 4. update: mini-batches of responses_per_update, micro-batches within ---------------------------
+            t0 = time.perf_counter()
+            run.train()
+            per_update = max(1, g.responses_per_update // g.micro_batch_size)
+            lr = constant_lr(step, g.steps, g.lr, g.warmup_ratio)
+            stats = defaultdict(list)
+            for _ in range(g.ppo_epochs):
+                for u in range(0, len(prepared), per_update):
+                    chunk = prepared[u:u + per_update]
+                    for k, (batch, adv_tok, old, refl, engine_lp, mask) in enumerate(chunk):
+                        with run.autocast():
+                            logp = run.module(**batch.model_inputs()).float()
+                        out_l = policy_loss(logp, old, adv_tok, mask, clip_low=g.clip_low, clip_high=g.clip_high,
+                                            clip_dual=g.clip_dual, objective=g.objective, loss_agg=g.loss_agg,
+                                            ref_logp=refl, kl_coef=g.kl_coef if g.kl_in == "loss" else 0.0,
+                                            kl_estimator=g.kl_estimator, engine_logp=engine_lp, tis_cap=g.tis_cap)
+                        run.backward(out_l.loss / len(chunk), sync=k == len(chunk) - 1)
+                        stats["pg_loss"].append(float(out_l.pg_loss))
+                        stats["kl"].append(float(out_l.kl))
+                        stats["clip_frac"].append(out_l.clip_frac)
+                        stats["dual_clip_frac"].append(out_l.dual_clip_frac)
+                        stats["entropy"].append(masked_entropy_from_logp(logp.detach(), mask))
+                    stats["grad_norm"].append(run.step(lr))
+            timing["update_s"] = time.perf_counter() - t0
+            if backend == "vllm":
+                t0 = time.perf_counter()
+                engine.update_weights(run.full_state_dict())
+                timing["sync_s"] = time.perf_counter() - t0
+
+            # ---- 5. log ---------------------------------------------------------------------------------------
+            n_tok = [ep.n_tokens() for ep in episodes]
+            crops = [len(ep.crops) for ep in episodes]
+            uniq = [len({tuple(c["point"]) for c in ep.crops}) / len(ep.crops) for ep in episodes if ep.crops]
+            m = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                 **{f"reward/{k}": mean([p.get(k, 0.0) for p in parts]) for k in ("accuracy", "format", "grounding",
+                                                                                     "diversity")},
+                 "response_tokens": mean(n_tok), "turns": mean([ep.turns for ep in episodes]), "crops": mean(crops),
+                 "unique_crop_ratio": mean(uniq) if uniq else None, "truncated_frac": float(truncated.float().mean()),
+                 "trained_frac": len(items) / len(episodes), "image_failures": image_failures, "lr": lr,
+                 **{k: mean(v) for k, v in stats.items()},
+                 "logprob_diff_engine_vs_trainer": mean(diffs) if diffs else None,
+                 **timing, "tokens_per_s": sum(n_tok) / max(1e-9, timing["rollout_s"])}
+            fails = Counter(f for ep in episodes for f in ep.failures)
+            m.update({f"failure/{k}": v / len(episodes) for k, v in fails.items()})
+            history.append(round(m["reward"], 6))
+            logger.log(m, step=step + 1)
+            _write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", episodes, parts)
+            if prog is not None:
+                prog.update(task, completed=step + 1, stats=f"reward {m['reward']:.3f}  kl {m.get('kl', 0):.4f}  "
+                                                            f"{m['tokens_per_s']:,.0f} tok/s")
+
+            # ---- 6. checkpoint -------------------------------------------------------------------------------
+            if (step + 1) % g.save_every == 0 or step + 1 == g.steps:
+                last_ckpt = save_checkpoint(ckpt_root, step + 1, run, processor, {"rewards": history},
+                                            keep_last=g.keep_last, hf_dtype=torch.bfloat16 if bf16 else None)
+        if prog is not None:
+            prog.stop()
+        logger.close()
+        if last_ckpt is None:
+            last_ckpt = latest_checkpoint(ckpt_root)
+        link_or_copy_tree(last_ckpt, out_dir / "model")
+        summary = {"steps": g.steps, "resumed_from": start if latest else None, "rewards": history,
+                   "final_reward": history[-1] if history else None, "model_dir": str(out_dir / "model"),
+                   "checkpoint": str(last_ckpt), "train_s": round(time.perf_counter() - t_run, 2),
+                   "n_prompts": len(samples)}
+        atomic_write_json(out_dir / "summary.json", summary)
+        if backend == "vllm":
+            engine.close()
+        return summary
+    finally:
+        teardown(dist)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _write_rollouts(path: Path, episodes: list, parts: list[dict]) -> None:
+    """One record per trajectory, in the eval record shape (so `vigorl view` shows rollouts too)."""
+    from vigorl_cli.data.io import write_jsonl
+
+    recs = []
+    for ep, p in zip(episodes, parts):
+        s = ep.sample
+        recs.append({"key": f"{s.id}#{ep.draw}", "id": s.id, "draw": ep.draw, "split": "rollout",
+                     "question": s.question, "gt": s.answer, "pred": ep.answer, "score": p.get("accuracy", 0.0),
+                     "reward": p, "failure": ep.failures[0] if ep.failures else None, "failures": ep.failures,
+                     **ep.to_record(), "frame": ep.images[0].frame.to_dict(),
+                     "image": s.images[0] if s.images else None})
+    write_jsonl(path, recs)
+
