@@ -11,6 +11,10 @@ Scoring happens in the **original image frame**: a point the model gave on the r
 ``vision.frames`` before the judge compares it with the ground truth (so predictions made at two pixel limits score
 the same). ``compat=True`` instead reproduces the reference: ground truth rescaled into the resized frame with
 ``int()`` and the reference judges' quirks.
+
+Benchmarks (``eval/benchmarks.py``) supply the samples (any format ``eval/loaders.py`` reads), the judge, the
+sub-split labels of each sample (a record counts in each of its labels) and the extra aggregates their own scripts
+report (``summary["official"]``).
 """
 
 from __future__ import annotations
@@ -26,15 +30,21 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
-from vigorl_cli.agent.parse import find_points
-from vigorl_cli.data.formats import read_samples
 from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
-from vigorl_cli.data.schema import Sample, Target
+from vigorl_cli.data.schema import Sample
 from vigorl_cli.engines.base import SamplingParams
-from vigorl_cli.eval.benchmarks import PRESET_BY_TASK, Benchmark
+from vigorl_cli.eval.benchmarks import (
+    BENCH_JUDGES,
+    PRESET_BY_TASK,
+    Benchmark,
+    load_samples,
+    read_point,
+    reference_answer,
+    reference_target,
+)
 from vigorl_cli.models import prompts
-from vigorl_cli.rewards.judges import judge_sample
-from vigorl_cli.vision.frames import Frame, qwen_smart_size, reference_scale, resize_image
+from vigorl_cli.rewards.judges import get_judge, judge_sample
+from vigorl_cli.vision.frames import Frame, qwen_smart_size, resize_image
 from vigorl_cli.vision.zoom import ZoomTool
 
 
@@ -62,17 +72,16 @@ class LoadedSample:
     sample: Sample
     file: str
     split: str
+    splits: list[str] = field(default_factory=list)  # every sub-split label (split is the first)
 
 
 def load_benchmark(bench: Benchmark, root: Path, limit: int | None = None) -> tuple[list[LoadedSample], list[LineError]]:
-    items, errors = [], []
-    for rel in bench.files:
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
-        sf = read_samples(path)
-        errors.extend(sf.errors)
-        for s in sf.samples:
-            split = bench.split(s, str(path)) if bench.split else "all"
-            items.append(LoadedSample(s, str(path), split))
+    """The benchmark's samples (released file, official release, or NAME:PATH; see ``eval/benchmarks.py``)."""
+    loaded, errors = load_samples(bench, root)
+    items = []
+    for s, path in loaded:
+        labels = bench.splits_of(s, path)
+        items.append(LoadedSample(s, path, labels[0], labels))
     if limit is not None:
         items = items[:limit]
     return items, errors
@@ -107,36 +116,32 @@ def _system_prompt(bench: Benchmark, s: Sample, multi: bool, st: EvalSettings) -
 def _judge(pred: str | None, s: Sample, frame: Frame, bench: Benchmark, compat: bool) -> tuple[float, Any]:
     """Score ``pred`` (model frame) against the sample (original frame)."""
     judge = bench.judge if bench.judge else None
+    if judge in BENCH_JUDGES:
+        return BENCH_JUDGES[judge](pred, s, frame, bench, compat)
     if s.task == "grounding" and s.target is not None and pred is not None:
-        if compat:  # reference: GT rescaled into the resized frame with int(), prediction compared there
-            sx, sy = frame.scale
-            gt = s.target
-            if gt.box is not None:
-                x1, y1, x2, y2 = gt.box
-                t = Target(box=(reference_scale(x1, 1 / sx), reference_scale(y1, 1 / sy),
-                                reference_scale(x2, 1 / sx), reference_scale(y2, 1 / sy)), frame="shown")
-            else:
-                t = Target(point=(reference_scale(gt.point[0], 1 / sx), reference_scale(gt.point[1], 1 / sy)),
-                           frame="shown")
+        if compat:  # reference: GT rescaled into the eval-resized frame with int(), prediction compared there
+            t, kind = reference_target(s.target, frame, bench)
             fn_name = judge or ("point_in_box" if t.box is not None else "point_match")
-            from vigorl_cli.rewards.judges import get_judge
-
-            return get_judge(fn_name)(pred, t, compat=True), None
-        pts = find_points(pred)
-        if len(pts) == 1:
-            X, Y = frame.to_original(pts[0].xy, exact=True, check=False)
+            res = get_judge(fn_name)(pred, t, compat=True)
+            res.details["gt_frame"] = kind
+            return res, None
+        pt = read_point(pred)
+        if pt is not None:
+            X, Y = frame.to_original(pt, exact=True, check=False)
             mapped = f"({X:.3f}, {Y:.3f})"
             return judge_sample(mapped, s, judge=judge, compat=False), (X, Y)
     return judge_sample(pred, s, judge=judge, compat=compat), None
 
 
 def _crop_hit(ep: Episode, s: Sample) -> bool | None:
-    """Did any crop window (original frame) contain the ground-truth box centre? None without crops or a box."""
-    if not ep.crops or s.target is None or s.target.box is None:
+    """Did the crops see every ground-truth box (its centre inside some crop window, original frame)?
+    ``None`` without crops or boxes. Boxes: ``meta["boxes"]`` (V* objects) or the target box."""
+    boxes = s.meta.get("boxes") or ([s.target.box] if s.target is not None and s.target.box is not None else None)
+    if not ep.crops or not boxes:
         return None
-    x1, y1, x2, y2 = s.target.box
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return any(w[0] <= cx <= w[2] and w[1] <= cy <= w[3] for w in (c["window_original"] for c in ep.crops))
+    wins = [c["window_original"] for c in ep.crops]
+    return all(any(w[0] <= (b[0] + b[2]) / 2 <= w[2] and w[1] <= (b[1] + b[3]) / 2 <= w[3] for w in wins)
+               for b in boxes)
 
 
 def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
@@ -161,15 +166,24 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
         nonlocal n_done
         s: Sample = ep.sample
         it = meta[f"{s.id}#{ep.draw}"]
-        res, mapped = _judge(ep.answer, s, ep.images[0].frame, bench, st.compat)
-        failure = ep.failures[0] if ep.failures else (str(res.failure) if res.failure else None)
+        failures = list(ep.failures)
+        pred = ep.answer
+        if st.compat:  # the reference's own answer extraction and format check (benchmarks.reference_answer)
+            pred, kind = reference_answer(ep.turn_texts, multiturn=multi,
+                                          no_thinking=st.prompt_variant == "answer_only")
+            if kind and kind not in failures:
+                failures.append(kind)
+        res, mapped = _judge(pred, s, ep.images[0].frame, bench, st.compat)
+        if res.failure and str(res.failure) not in failures:
+            failures.append(str(res.failure))
         rf.append({"key": f"{s.id}#{ep.draw}", "id": s.id, "draw": ep.draw, "bench": bench.name,
-                   "split": it["split"], "question": s.question, "gt": s.answer, "pred": ep.answer,
-                   "pred_original": list(mapped) if mapped else None, "score": float(res.score),
-                   "failure": failure, "failures": ep.failures + ([str(res.failure)] if res.failure else []),
+                   "split": it["split"], "splits": it["splits"], "question": s.question, "gt": s.answer,
+                   "pred": pred, "pred_original": list(mapped) if mapped else None, "score": float(res.score),
+                   "failure": failures[0] if failures else None,
                    "judge": {"pred": res.pred, "details": _jsonable(res.details)},
                    "crop_hit": _crop_hit(ep, s), **ep.to_record(), "frame": ep.images[0].frame.to_dict(),
-                   "image": s.images[0] if s.images else None})
+                   "image": s.images[0] if s.images else None,
+                   "failures": failures})  # after to_record(): episode + judge failures, each counted once
         n_done += 1
         if on_progress:
             on_progress(n_done, n_total, {})
@@ -179,7 +193,7 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
         cache: dict[str, tuple] = {}
         for it, draw in todo[i:i + st.chunk]:
             s = it.sample
-            meta[f"{s.id}#{draw}"] = {"split": it.split}
+            meta[f"{s.id}#{draw}"] = {"split": it.split, "splits": it.splits}
             try:
                 if s.id not in cache:
                     if not s.images:
@@ -192,7 +206,7 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
                 original, frame, shown = cache[s.id]
             except (OSError, UnidentifiedImageError, ValueError) as e:
                 rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name, "split": it.split,
-                           "question": s.question, "gt": s.answer, "pred": None, "score": 0.0,
+                           "splits": it.splits, "question": s.question, "gt": s.answer, "pred": None, "score": 0.0,
                            "failure": "image_error", "failures": ["image_error"],
                            "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0})
                 n_done += 1
@@ -205,6 +219,9 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
     rf.close()
     summary = summarize(rf.read(), bench.name, st.samples, elapsed=time.time() - t0, n_new=len(todo))
     summary["load_errors"] = [str(e) for e in load_errors]
+    summary["source_formats"] = sorted({it.sample.meta.get("source_format", "released") for it in items})
+    if bench.report is not None:
+        summary["official"] = bench.report(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -263,8 +280,9 @@ def summarize(recs: list[dict], bench: str, k: int, elapsed: float = 0.0, n_new:
             failures[f] += 1
     out["failure_counts"] = dict(sorted(failures.items(), key=lambda kv: -kv[1]))
     splits: dict[str, list[dict]] = defaultdict(list)
-    for r in recs:
-        splits[r.get("split") or "all"].append(r)
+    for r in recs:  # a record counts in each of its labels (e.g. "group:CAD" and "ui:icon")
+        for label in r.get("splits") or [r.get("split") or "all"]:
+            splits[label].append(r)
     out["splits"] = {name: _stats(rs, k) for name, rs in sorted(splits.items())}
     out["seconds"] = round(elapsed, 3)
     out["samples_per_second"] = round(n_new / elapsed, 4) if elapsed > 0 and n_new else None
