@@ -119,6 +119,9 @@ class MCTSConfig:
     max_thoughts: int = F(7, "upper bound of N (inclusive)")
     add_thought_number: bool = F(True, "append the 'at least N thoughts' line to the system prompt")
     judge: str = F("auto", "judge name (auto: from the sample's task)")
+    model: str | None = F(None, "teacher model for the search (default: model.name); the reference used "
+                                "Qwen/Qwen2.5-VL-72B-Instruct behind vLLM servers")
+    engine: Literal["hf", "vllm", "openai"] | None = F(None, "engine backend for the search (default: engine.backend)")
     trees_in_flight: int = F(16, "trees searched concurrently (their pending generations are batched)")
     sample_timeout_s: float = F(3600.0, "per-sample time limit; a timed-out sample is recorded as an error")
     sampling: SamplingConfig = F(SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=512),
@@ -235,6 +238,9 @@ class EvalConfig:
     samples: int = F(1, "samples per question (Avg@k)")
     max_samples: int | None = F(None, "evaluate at most this many questions per benchmark")
     compat: bool = F(False, "reference-compatible scoring and prompts (reference §6)")
+    prompt_variant: str | None = F(None, "system prompt variant instead of the mode's (e.g. answer_only for base "
+                                         "models, vanilla); see `vigorl recipe check --explain` prompt.preset")
+    max_response_tokens: int = F(8192, "multi-turn: tokens per episode after the prompt (sampled + observations)")
     sampling: SamplingConfig = F(SamplingConfig(temperature=0.5, top_p=1.0, max_new_tokens=2048),
                                  "eval sampling (reference: temperature 0.5, one sample, 2048 tokens)")
 

@@ -64,9 +64,9 @@ def run_eval(r: Recipe, model: str | None = None, benches: str | list[str] | Non
             st = EvalSettings(data_root=root, out_dir=out_dir, sampling=sampling, mode=mode,
                               samples=samples or r.eval.samples, limit=limit or r.eval.max_samples,
                               compat=compat or r.eval.compat, system_prompt=r.prompt.system,
-                              literal_newlines=r.prompt.literal_newlines, seed=r.seed,
-                              max_turns=r.tool.max_turns, max_response_tokens=max(r.grpo.max_response_len,
-                                                                                  sampling.max_new_tokens * 2))
+                              prompt_variant=r.eval.prompt_variant, literal_newlines=r.prompt.literal_newlines,
+                              seed=r.seed, max_turns=r.tool.max_turns,
+                              max_response_tokens=max(r.eval.max_response_tokens, sampling.max_new_tokens))
             if progress_factory is not None:
                 with progress_factory() as prog:
                     task = prog.add_task(b.name, total=None, stats="")

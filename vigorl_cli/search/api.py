@@ -234,8 +234,8 @@ def run_mcts(r: Recipe, out: Path | None = None, model: str | None = None, engin
     sh = parse_shard(shard)
     if base_urls:
         r.engine.base_urls = list(base_urls)
-    backend = engine or ("openai" if base_urls else r.engine.backend)
-    model_name = model or r.model.name
+    backend = engine or ("openai" if base_urls else (r.mcts.engine or r.engine.backend))
+    model_name = model or r.mcts.model or r.model.name
     settings = MCTSSettings.from_recipe(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"command": "mcts", "model": str(model_name), "engine": backend, "shard": shard,
