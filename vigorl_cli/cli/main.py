@@ -14,8 +14,14 @@ import typer
 from vigorl_cli import __version__
 from vigorl_cli.cli import data as data_cmd
 from vigorl_cli.cli import eval as eval_cmd
+from vigorl_cli.cli import grpo as grpo_cmd
+from vigorl_cli.cli import linearize as linearize_cmd
+from vigorl_cli.cli import mcts as mcts_cmd
+from vigorl_cli.cli import merge as merge_cmd
 from vigorl_cli.cli import model as model_cmd
 from vigorl_cli.cli import recipe as recipe_cmd
+from vigorl_cli.cli import sft as sft_cmd
+from vigorl_cli.cli import view as view_cmd
 from vigorl_cli.console import err_console
 from vigorl_cli.errors import VigorlError
 
@@ -32,6 +38,12 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command("eval")(eval_cmd.eval_command)
+app.command("mcts")(mcts_cmd.mcts_command)
+app.command("linearize")(linearize_cmd.linearize_command)
+app.command("sft")(sft_cmd.sft_command)
+app.command("merge")(merge_cmd.merge_command)
+app.command("grpo")(grpo_cmd.grpo_command)
+app.command("view")(view_cmd.view_command)
 
 
 def _version(value: bool) -> None:
