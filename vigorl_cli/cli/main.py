@@ -20,6 +20,7 @@ from vigorl_cli.cli import mcts as mcts_cmd
 from vigorl_cli.cli import merge as merge_cmd
 from vigorl_cli.cli import model as model_cmd
 from vigorl_cli.cli import recipe as recipe_cmd
+from vigorl_cli.cli import run as run_cmd
 from vigorl_cli.cli import sft as sft_cmd
 from vigorl_cli.cli import view as view_cmd
 from vigorl_cli.console import err_console
@@ -44,6 +45,7 @@ app.command("sft")(sft_cmd.sft_command)
 app.command("merge")(merge_cmd.merge_command)
 app.command("grpo")(grpo_cmd.grpo_command)
 app.command("view")(view_cmd.view_command)
+app.command("run")(run_cmd.run_command)
 
 
 def _version(value: bool) -> None:
