@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vigorl_cli.data.formats import write_samples
-from vigorl_cli.data.schema import Sample, Target
+from vigorl_cli.data.schema import Sample
 from vigorl_cli.engines.base import Completion, SamplingParams
 from vigorl_cli.engines.hf import HFEngine
 from vigorl_cli.eval.benchmarks import get_benchmark

@@ -248,7 +248,6 @@ class Episode:
             self._fail("truncated")
             self._end("budget")
             return
-        k = len(self.images)
         win = ",".join(f"{v:g}" for v in crop.frame.window)
         self.images.append(ShownImage(crop.image, crop.frame,
                                       f"{self.key_base}/crop-{win}-{crop.image.size[0]}-{zoom.draw_dot}-{zoom.source}"))

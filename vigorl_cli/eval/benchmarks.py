@@ -367,12 +367,7 @@ def point_in_polygon(x: float, y: float, polygon: list) -> bool:
     return inside
 
 
-def read_point(pred: str) -> tuple[float, float] | None:
-    """One point from an answer, tolerant (``(x, y)``, ``[x, y]``, ``x, y``, floats, one point in prose)."""
-    from vigorl_cli.rewards.judges import _pred_point
-
-    pt, failure, _ = _pred_point(pred, compat=False)
-    return None if failure is not None or pt is None else (float(pt[0]), float(pt[1]))
+from vigorl_cli.rewards.judges import read_point  # noqa: E402  (re-exported: one tolerant point reader)
 
 
 def _robospatial_judge(pred: str | None, s: Sample, frame: Any, bench: Benchmark, compat: bool):

@@ -38,12 +38,11 @@ from vigorl_cli.eval.benchmarks import (
     PRESET_BY_TASK,
     Benchmark,
     load_samples,
-    read_point,
     reference_answer,
     reference_target,
 )
 from vigorl_cli.models import prompts
-from vigorl_cli.rewards.judges import get_judge, judge_sample
+from vigorl_cli.rewards.judges import judge_in_frame
 from vigorl_cli.vision.frames import Frame, qwen_smart_size, resize_image
 from vigorl_cli.vision.zoom import ZoomTool
 
@@ -118,19 +117,13 @@ def _judge(pred: str | None, s: Sample, frame: Frame, bench: Benchmark, compat: 
     judge = bench.judge if bench.judge else None
     if judge in BENCH_JUDGES:
         return BENCH_JUDGES[judge](pred, s, frame, bench, compat)
-    if s.task == "grounding" and s.target is not None and pred is not None:
-        if compat:  # reference: GT rescaled into the eval-resized frame with int(), prediction compared there
-            t, kind = reference_target(s.target, frame, bench)
-            fn_name = judge or ("point_in_box" if t.box is not None else "point_match")
-            res = get_judge(fn_name)(pred, t, compat=True)
-            res.details["gt_frame"] = kind
-            return res, None
-        pt = read_point(pred)
-        if pt is not None:
-            X, Y = frame.to_original(pt, exact=True, check=False)
-            mapped = f"({X:.3f}, {Y:.3f})"
-            return judge_sample(mapped, s, judge=judge, compat=False), (X, Y)
-    return judge_sample(pred, s, judge=judge, compat=compat), None
+    if compat and s.task == "grounding" and s.target is not None and pred is not None:
+        # reference: GT rescaled into the eval-resized frame with int(), prediction compared there
+        t, kind = reference_target(s.target, frame, bench)
+        res, _ = judge_in_frame(pred, s, frame, judge=judge, compat=True, compat_target=t)
+        res.details["gt_frame"] = kind
+        return res, None
+    return judge_in_frame(pred, s, frame, judge=judge, compat=compat)
 
 
 def _crop_hit(ep: Episode, s: Sample) -> bool | None:

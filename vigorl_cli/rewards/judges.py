@@ -489,3 +489,47 @@ def judge_sample(pred: str | None, sample: Sample, *, judge: str | None = None, 
     else:
         fn = judge_for_task(sample.task)
     return fn(pred, sample, compat=compat, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Judging an answer given on a resized image (the one path eval and MCTS share)
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_point(pred: str) -> tuple[float, float] | None:
+    """One point from an answer, tolerant (``(x, y)``, ``[x, y]``, ``x, y``, floats, one point in prose)."""
+    pt, failure, _ = _pred_point(pred, compat=False)
+    return None if failure is not None or pt is None else (float(pt[0]), float(pt[1]))
+
+
+def reference_scaled_target(target: Target, frame: Any) -> Target:
+    """The reference's ground truth in the shown frame: each coordinate times the frame's scale, ``int()``-ed."""
+    sx, sy = frame.scale
+
+    def sc(v: float, s: float) -> int:
+        return int(v * (1.0 / s))
+
+    if target.box is not None:
+        x1, y1, x2, y2 = target.box
+        return Target(box=(sc(x1, sx), sc(y1, sy), sc(x2, sx), sc(y2, sy)), frame="shown")
+    return Target(point=(sc(target.point[0], sx), sc(target.point[1], sy)), frame="shown")
+
+
+def judge_in_frame(pred: str | None, sample: Sample, frame: Any, *, judge: str | None = None, compat: bool = False,
+                   compat_target: Target | None = None) -> tuple[JudgeResult, tuple[float, float] | None]:
+    """Judge ``pred``, given in ``frame``'s pixels (the image the model saw), against ``sample`` (original frame).
+
+    Ours: a point answer is mapped to the original frame (``frame.to_original``, pixel-centre rule) and compared
+    with the original ground truth, so answers made at two pixel limits score the same; returns the mapped point.
+    ``compat``: the reference instead scales the ground truth into the shown frame with ``int()``
+    (``compat_target`` overrides that target, e.g. eval's benchmark-resized frame) and uses its judge.
+    """
+    if sample.task == "grounding" and sample.target is not None and pred is not None:
+        if compat:
+            t = compat_target or reference_scaled_target(sample.target, frame)
+            return get_judge(judge or ("point_in_box" if t.box is not None else "point_match"))(pred, t,
+                                                                                               compat=True), None
+        pt = read_point(pred)
+        if pt is not None:
+            X, Y = frame.to_original(pt, exact=True, check=False)
+            return judge_sample(f"({X:.3f}, {Y:.3f})", sample, judge=judge, compat=False), (X, Y)
+    return judge_sample(pred, sample, judge=judge, compat=compat), None

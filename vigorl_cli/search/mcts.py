@@ -68,12 +68,12 @@ from PIL import Image
 
 from vigorl_cli.agent.episode import Episode, EpisodeConfig
 from vigorl_cli.agent.parse import extract_answer, find_points, parse_response
-from vigorl_cli.data.schema import Sample, Target
+from vigorl_cli.data.schema import Sample
 from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed
 from vigorl_cli.models import prompts
-from vigorl_cli.rewards.judges import JudgeResult, get_judge, judge_sample
+from vigorl_cli.rewards.judges import JudgeResult, judge_in_frame
 from vigorl_cli.search.tree import Rollout, TreeNode, TreeRecord
-from vigorl_cli.vision.frames import Frame, reference_scale
+from vigorl_cli.vision.frames import Frame
 from vigorl_cli.vision.zoom import ZoomTool
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -198,28 +198,10 @@ def gather(subs: list[Search]) -> Search:
 
 def judge_answer(pred: str | None, sample: Sample, frame: Frame, judge: str | None = None,
                  compat: bool = False) -> JudgeResult:
-    """Score an answer given in ``frame``'s pixels (the image the teacher saw) against the sample (original frame).
-
-    A single point is mapped to the original frame before the judge sees it. ``compat``: the reference instead
-    scales the ground truth into the shown frame with ``int()`` and uses the reference judge (identical when the
-    teacher saw the original image, as the reference's server did)."""
-    if sample.task == "grounding" and sample.target is not None and pred is not None:
-        if compat:
-            sx, sy = frame.scale
-            gt = sample.target
-            if gt.box is not None:
-                x1, y1, x2, y2 = gt.box
-                t = Target(box=(reference_scale(x1, 1 / sx), reference_scale(y1, 1 / sy),
-                                reference_scale(x2, 1 / sx), reference_scale(y2, 1 / sy)), frame="shown")
-            else:
-                t = Target(point=(reference_scale(gt.point[0], 1 / sx), reference_scale(gt.point[1], 1 / sy)),
-                           frame="shown")
-            return get_judge(judge or ("point_in_box" if t.box is not None else "point_match"))(pred, t, compat=True)
-        pts = find_points(pred)
-        if len(pts) == 1:
-            X, Y = frame.to_original(pts[0].xy, exact=True, check=False)
-            pred = f"({X:.3f}, {Y:.3f})"
-    return judge_sample(pred, sample, judge=judge, compat=compat)
+    """Score an answer given in ``frame``'s pixels (the image the teacher saw) against the sample (original frame):
+    the shared :func:`vigorl_cli.rewards.judges.judge_in_frame` (identical to the reference when the teacher saw the
+    original image, as the reference's server did)."""
+    return judge_in_frame(pred, sample, frame, judge=judge, compat=compat)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.rewards.presets import RewardInput, build_reward
     from vigorl_cli.train.batching import IGNORE, Collator, LogProbModel, rope_index_of
     from vigorl_cli.train.checkpoint import (latest_checkpoint, link_or_copy_tree, load_checkpoint,
-                                             read_trainer_state, save_checkpoint)
+                                             save_checkpoint)
     from vigorl_cli.train.losses import group_advantages, informative_groups, masked_entropy_from_logp, policy_loss
     from vigorl_cli.train.metrics import make_loggers
     from vigorl_cli.train.parallel import OptimConfig, setup, teardown, wrap
