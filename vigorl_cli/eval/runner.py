@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+from vigorl_cli.agent.images import model_frame
 from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
 from vigorl_cli.data.schema import Sample
 from vigorl_cli.engines.base import SamplingParams
@@ -43,7 +44,7 @@ from vigorl_cli.eval.benchmarks import (
 )
 from vigorl_cli.models import prompts
 from vigorl_cli.rewards.judges import judge_in_frame
-from vigorl_cli.vision.frames import Frame, qwen_smart_size, resize_image
+from vigorl_cli.vision.frames import Frame, resize_image
 from vigorl_cli.vision.zoom import ZoomTool
 
 
@@ -88,20 +89,7 @@ def load_benchmark(bench: Benchmark, root: Path, limit: int | None = None) -> tu
 
 def _frame_for(img: Image.Image, bench: Benchmark, processor: Any) -> Frame:
     """Original → benchmark limit (max side / max pixels) → the processor's own smart resize, as one Frame."""
-    W, H = img.size
-    if bench.max_side:
-        f = Frame.max_side(W, H, bench.max_side)
-    elif bench.max_pixels:
-        f = Frame.max_pixels(W, H, bench.max_pixels)
-    else:
-        f = Frame.identity(W, H)
-    ip = processor.image_processor
-    size = ip.size if isinstance(ip.size, dict) else {"shortest_edge": ip.size.shortest_edge,
-                                                       "longest_edge": ip.size.longest_edge}
-    factor = int(getattr(ip, "patch_size", 14)) * int(getattr(ip, "merge_size", 2))
-    w, h = qwen_smart_size(*f.size, min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
-                           factor=factor)
-    return Frame.resized(W, H, w, h)
+    return model_frame(*img.size, processor, max_side=bench.max_side, max_pixels=bench.max_pixels)
 
 
 def _system_prompt(bench: Benchmark, s: Sample, multi: bool, st: EvalSettings) -> str:

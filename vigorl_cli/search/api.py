@@ -16,6 +16,8 @@ id whatever the file order, so machines can split a dataset without coordinating
 
 from __future__ import annotations
 
+from vigorl_cli.agent.images import model_frame as shared_model_frame
+
 import json
 import random
 import time
@@ -34,7 +36,7 @@ from vigorl_cli.engines.base import derive_seed
 from vigorl_cli.errors import DataError, RecipeError
 from vigorl_cli.recipe import Recipe, expand_env
 from vigorl_cli.search.mcts import Counters, MCTSSettings, TreeSearch, drive, drive_sequential
-from vigorl_cli.vision.frames import Frame, qwen_smart_size, resize_image
+from vigorl_cli.vision.frames import Frame, resize_image
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
@@ -75,13 +77,7 @@ def load_samples(files: list[str | Path], root: Path, max_samples: int | None = 
 
 def model_frame(width: int, height: int, processor: Any) -> Frame:
     """The frame of the image the model sees: the processor's smart resize (its own pixel limits)."""
-    ip = processor.image_processor
-    size = ip.size if isinstance(ip.size, dict) else {"shortest_edge": ip.size.shortest_edge,
-                                                       "longest_edge": ip.size.longest_edge}
-    factor = int(getattr(ip, "patch_size", 14)) * int(getattr(ip, "merge_size", 2))
-    w, h = qwen_smart_size(width, height, min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
-                           factor=factor)
-    return Frame.resized(width, height, w, h)
+    return shared_model_frame(width, height, processor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
