@@ -26,10 +26,11 @@ def _sub(args, **kw):
 def test_help_lists_every_command_and_each_has_examples():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("data", "model", "recipe", "eval"):
+    for cmd in ("data", "model", "recipe", "eval", "mcts", "linearize", "sft", "grpo", "merge", "view", "run"):
         assert cmd in res.output
     for args in (["data", "pull"], ["data", "demo"], ["data", "validate"], ["model", "tiny"], ["model", "info"],
-                 ["recipe", "check"], ["recipe", "ls"], ["recipe", "cp"], ["eval"]):
+                 ["recipe", "check"], ["recipe", "ls"], ["recipe", "cp"], ["eval"], ["mcts"], ["linearize"],
+                 ["sft"], ["grpo"], ["merge"], ["view"], ["run"]):
         res = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
         assert res.exit_code == 0, args
         assert "Example" in res.output, args

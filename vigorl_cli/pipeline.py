@@ -110,8 +110,11 @@ def run_pipeline(r: Recipe, out: Path | None = None, start: str | None = None, s
             else:
                 lin = run_linearize(r, trees, d)
                 files = [str(f) for f in lin.files]
-                res = {"train": [f for f in files if f.endswith("_train.json")],
-                       "val": [f for f in files if f.endswith("_val.json")], "stats": lin.stats}
+                # a multi-turn policy (tool.enabled) trains on the zoom dialogs, a single-turn one on the chains
+                suffix = "_MULTITURN.json" if r.tool.enabled and any(f.endswith("_MULTITURN.json") for f in files) \
+                    else ".json"
+                res = {"train": [f for f in files if f.endswith("_train" + suffix)],
+                       "val": [f for f in files if f.endswith("_val" + suffix)], "stats": lin.stats}
         elif stage == "sft":
             chains = [f for f in info.get("linearize", {}).get("train", []) if _n_records(f) > 0]
             extra = [str(r.data_root() / f) for f in r.data.sft_train]

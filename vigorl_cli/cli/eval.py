@@ -57,5 +57,6 @@ def eval_command(
     from vigorl_cli.eval.report import summary_table
 
     console.print(summary_table(summaries))
-    if summaries and all(s.get("image_error_rate", 0) == 1.0 for s in summaries):
+    if summaries and all(s.get("image_error_rate", 0) + s.get("engine_error_rate", 0) >= 1.0 for s in summaries):
+        err_console.print("[red]every sample failed to load or to get an answer from the engine[/red]")
         raise typer.Exit(1)

@@ -244,6 +244,8 @@ def _stats(recs: list[dict], k: int) -> dict:
         "pass_at_k": round(sum(1 for v in by_q.values() if max(v) > 0) / len(by_q), 6) if by_q else 0.0,
         "parse_failure_rate": round(parse_fail, 6),
         "image_error_rate": round(sum(1 for r in recs if r.get("failure") == "image_error") / n, 6) if n else 0.0,
+        "engine_error_rate": round(sum(1 for r in recs if "engine_error" in (r.get("failures") or [])) / n, 6)
+        if n else 0.0,
         "mean_turns": round(sum(r.get("turns", 0) for r in recs) / n, 4) if n else 0.0,
         "mean_crops": round(sum(len(r.get("crops") or []) for r in recs) / n, 4) if n else 0.0,
         "crop_hit_rate": round(sum(hits) / len(hits), 6) if hits else None,
