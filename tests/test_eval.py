@@ -130,3 +130,30 @@ def test_multiturn_demo_bench_runs_episodes_with_the_tiny_model(tmp_path, tiny_b
                  EvalSettings(data_root=demo_root, out_dir=tmp_path, limit=4,
                               sampling=SamplingParams(max_new_tokens=12)))
     assert s["n"] == 4 and s["mean_turns"] >= 1 and set(s["splits"]) <= {"attribute", "spatial", "other"}
+
+
+def test_eval_through_an_openai_compatible_server_matches_the_local_engine(tmp_path, tiny_bundle, demo_root):
+    """The async path: episodes run as independent tasks against a real HTTP server wrapping the HF engine; with
+    greedy sampling the transcripts equal the local engine's."""
+    from vigorl_cli.engines.openai import OpenAIEngine
+    from vigorl_cli.engines.server import serve
+
+    local = HFEngine(tiny_bundle, batch_size=8)
+    server, _ = serve(HFEngine(tiny_bundle, batch_size=8), tiny_bundle.processor, "127.0.0.1", 0, "tiny")
+    try:
+        remote = OpenAIEngine([server.url], "tiny", concurrency=4, timeout_s=60, max_retries=1)
+        st = dict(sampling=SamplingParams(temperature=0.0, max_new_tokens=12), limit=4)
+        a = evaluate(get_benchmark("demo-vsearch"), local, tiny_bundle.processor,
+                     EvalSettings(data_root=demo_root, out_dir=tmp_path / "a", **st))
+        b = evaluate(get_benchmark("demo-vsearch"), remote, tiny_bundle.processor,
+                     EvalSettings(data_root=demo_root, out_dir=tmp_path / "b", **st))
+        remote.close()
+    finally:
+        server.close()
+    ra = {json.loads(x)["id"]: json.loads(x)["turn_texts"] for x in
+          (tmp_path / "a/demo-vsearch/samples.jsonl").read_text().splitlines()}
+    rb = {json.loads(x)["id"]: json.loads(x)["turn_texts"] for x in
+          (tmp_path / "b/demo-vsearch/samples.jsonl").read_text().splitlines()}
+    assert a["n"] == b["n"] == 4 and b["engine_error_rate"] == 0.0
+    strip = lambda ts: [t.replace("<|im_end|>", "") for t in ts]  # noqa: E731  (servers drop special tokens)
+    assert {k: strip(v) for k, v in ra.items()} == {k: strip(v) for k, v in rb.items()}
