@@ -19,6 +19,7 @@ Design points (environment.md §2.2 pitfalls are handled here):
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Any
 
@@ -111,7 +112,11 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0):
+    def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0,
+                 autocast_dtype: torch.dtype | None = None):
+        """``autocast_dtype``: run generation under ``torch.autocast`` (GRPO on a GPU keeps fp32 master weights and
+        trains under bf16 autocast; sampling under the same autocast keeps engine and trainer log-probs equal)."""
+        self.autocast_dtype = autocast_dtype
         self.bundle = bundle
         self.model = bundle.model
         self.processor = bundle.processor
@@ -213,9 +218,12 @@ class HFEngine:
         # swap in a clean one so that no processor runs before the sampler and log-probs stay raw.
         saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
         try:
-            gen = self.model.generate(**inputs, generation_config=gc, logits_processor=[sampler],
-                                      tokenizer=self.tok if params.stop else None)
+            with autocast:
+                gen = self.model.generate(**inputs, generation_config=gc, logits_processor=[sampler],
+                                          tokenizer=self.tok if params.stop else None)
         finally:
             self.model.generation_config = saved
         new = gen[:, width:].tolist()

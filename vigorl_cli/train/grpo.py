@@ -192,7 +192,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         backend = recipe.engine.backend
         if backend == "hf":
             engine = HFEngine(ModelBundle(hf, processor, model_name, "policy"), batch_size=recipe.engine.batch_size,
-                              seed=recipe.seed)
+                              seed=recipe.seed, autocast_dtype=torch.bfloat16 if bf16 else None)
         elif backend == "vllm":
             from vigorl_cli.engines.vllm import VLLMEngine
 
