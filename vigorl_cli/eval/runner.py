@@ -189,7 +189,8 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
                 rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name, "split": it.split,
                            "splits": it.splits, "question": s.question, "gt": s.answer, "pred": None, "score": 0.0,
                            "failure": "image_error", "failures": ["image_error"],
-                           "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0})
+                           "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0,
+                           "image": s.images[0] if s.images else None})
                 n_done += 1
                 if on_progress:
                     on_progress(n_done, n_total, {})
@@ -200,6 +201,7 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
     rf.close()
     summary = summarize(rf.read(), bench.name, st.samples, elapsed=time.time() - t0, n_new=len(todo))
     summary["load_errors"] = [str(e) for e in load_errors]
+    summary["data_root"] = str(Path(st.data_root).resolve())  # lets `vigorl view` find the images
     summary["source_formats"] = sorted({it.sample.meta.get("source_format", "released") for it in items})
     if bench.report is not None:
         summary["official"] = bench.report(summary)
