@@ -135,7 +135,7 @@ def test_page_is_self_contained_and_shows_every_record(eval_run):
     # g3 (image_error) is a placeholder with its error, and nothing crashed
     g3 = _card_html(page, "g3")
     assert 'thumb missing' in g3 and "FileNotFoundError" in g3 and "<svg" not in g3
-    assert stats.no_image == 1 and stats.missing_images == 0
+    assert stats.no_image == 0 and stats.missing_images == 1  # g3's file is recorded but does not exist
 
 
 def test_overlay_draws_points_crops_and_gt_in_the_original_frame(eval_run):
@@ -183,7 +183,7 @@ def test_only_limit_and_the_accepted_layouts(eval_run, tmp_path):
     for step in ("step_000001", "step_000002"):
         shutil.copy(out / BENCH_DIR / "samples.jsonl", roll / f"{step}.jsonl")
     page, st = render_view(roll, data_root=root)
-    assert st.groups == 2 and st.shown == 8 and len(set(_cards(page))) == 8 and st.missing_images == 0
+    assert st.groups == 2 and st.shown == 8 and len(set(_cards(page))) == 8 and st.missing_images == 2
     with pytest.raises(DataError):
         render_view(tmp_path / "nope")
 
@@ -192,11 +192,17 @@ def test_missing_images_become_placeholders_until_data_root_is_given(eval_run, t
     root, out = eval_run
     moved = tmp_path / "elsewhere"
     shutil.copytree(out, moved)  # image paths are relative to the data root, which is no longer next to the folder
+    for f in moved.rglob("summary.json"):  # an old folder whose summary does not record the data root
+        d = json.loads(f.read_text())
+        d.pop("data_root", None)
+        f.write_text(json.dumps(d))
     page, st = render_view(moved)
-    assert st.missing_images == 3 and page.count("thumb missing") == 4 and page.count("image not found") == 3
+    assert st.missing_images == 4 and page.count("thumb missing") == 4 and page.count("image not found") == 4
     assert page.count("<svg") == 3  # overlays still drawn on the placeholders (the records hold the frames)
     page, st = render_view(moved, data_root=root)
-    assert st.missing_images == 0 and page.count("thumb missing") == 1
+    assert st.missing_images == 1 and page.count("thumb missing") == 1
+    page, st = render_view(out)  # the summary records the data root: found without --data-root
+    assert st.missing_images == 1 and page.count("thumb missing") == 1
 
 
 def test_tolerates_odd_records(tmp_path):
