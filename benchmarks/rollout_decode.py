@@ -1,0 +1,99 @@
+"""Rollout generation: plain HF ``generate`` vs our HF engine, same model, prompts and token counts, one process.
+
+The GPU-efficiency issue's "rollout generation" row (gpu-baseline.md: plain HF at B=32, 256 new tokens: 830 tok/s,
+~33 ms per decode step, launch-bound). Ours adds per-request seeded sampling (Gumbel-max with a counter-based
+noise stream), raw log-probs and vision-token suppression; this measures what that costs or saves.
+
+    python benchmarks/rollout_decode.py --batch 32 --new-tokens 256         # GPU, Qwen2.5-VL-3B shape
+    python benchmarks/rollout_decode.py --tiny --batch 4 --new-tokens 16    # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen2.5-vl-3b")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+    from PIL import Image
+
+    from vigorl_cli.engines.base import GenerationRequest, SamplingParams
+    from vigorl_cli.engines.hf import HFEngine
+    from vigorl_cli.models.load import load_model, mm_token_type_ids
+
+    if args.tiny:
+        bundle = load_model("tiny-qwen2.5-vl")
+    else:
+        from vigorl_cli.models.shapes import shaped_bundle
+
+        bundle = shaped_bundle(args.shape, max_pixels=504 * 504)
+    proc, tok, model = bundle.processor, bundle.tokenizer, bundle.model
+    cuda = torch.cuda.is_available()
+    img = Image.effect_noise((504, 504), 64).convert("RGB")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image " * 20}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    reqs = [GenerationRequest(ids, [img], SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=i))
+            for i in range(args.batch)]
+    eng = HFEngine(bundle, batch_size=args.batch)
+    batch = proc(text=[text] * args.batch, images=[img] * args.batch, return_tensors="pt", padding=True)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = mm_token_type_ids(batch["input_ids"], model.config)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def plain():
+        with torch.no_grad():
+            return model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    def ours():
+        return eng.generate(reqs)
+
+    results = {}
+    for name, fn in (("plain_hf_generate", plain), ("vigorl_hf_engine", ours)):
+        fn()  # warm-up
+        times = []
+        for _ in range(args.reps):
+            sync()
+            t = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        if name == "vigorl_hf_engine":
+            n_tok = sum(len(c[0].token_ids) for c in out)
+        else:
+            n_tok = (out.shape[1] - batch["input_ids"].shape[1]) * args.batch
+        best = min(times)
+        results[name] = {"seconds": round(best, 3), "tokens": n_tok, "tok_per_s": round(n_tok / best, 1),
+                         "ms_per_step": round(1000 * best / args.new_tokens, 2)}
+        print(json.dumps({name: results[name]}), flush=True)
+    final = {"benchmark": "rollout_decode", "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+             "batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "results": results,
+             "ratio_ours_over_plain": round(results["vigorl_hf_engine"]["tok_per_s"]
+                                            / results["plain_hf_generate"]["tok_per_s"], 3)}
+    print(json.dumps(final), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(final, indent=2))
+
+
+if __name__ == "__main__":
+    main()
