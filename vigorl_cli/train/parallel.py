@@ -74,6 +74,22 @@ class Dist:
         tdist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of a few numbers over ranks."""
+        if not self.distributed or self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t.tolist()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed or self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj: Any) -> Any:
         if not self.distributed or self.world_size == 1:
             return obj
