@@ -263,7 +263,7 @@ class SingleProcess(Wrapped):
         f = path / "state.pt"
         if not f.is_file():
             raise CheckpointError(f"{f} not found: this checkpoint was not written by a single-process run")
-        blob = torch.load(f, map_location=self.dist.device, weights_only=False)
+        blob = torch.load(f, map_location=self.dist.device, weights_only=True)
         res = self.module.load_state_dict(blob["model"], strict=False)
         if res.unexpected_keys or set(blob["model"]) != {n for n, p in self.module.named_parameters()
                                                           if p.requires_grad}:
