@@ -361,6 +361,6 @@ def test_grpo_with_the_vllm_engine_pushes_weights_after_every_update(tmp_path, d
     assert len(metrics) == 2
     for m in metrics:
         assert m["sync_s"] > 0 and m["trained_frac"] > 0
-        print(f"step {m['step'] if 'step' in m else '?'}: engine-vs-trainer log-prob diff "
+        print(f"step {m.get('step', '?')}: engine-vs-trainer log-prob diff "
               f"{m['logprob_diff_engine_vs_trainer']:.2e}, sync {m['sync_s']:.3f} s, rollout {m['rollout_s']:.2f} s")
         assert m["logprob_diff_engine_vs_trainer"] < GRPO_LOGPROB_TOL

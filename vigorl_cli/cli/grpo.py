@@ -36,6 +36,8 @@ def grpo_command(
     summary = train(r, model=model, data=[str(p) for p in data] if data else None,
                     out=out or Path(r.output.dir) / "grpo", resume=not no_resume,
                     log=lambda m: err_console.print(m, markup=False, highlight=False), progress_factory=progress)
+    if not summary.get("model_dir"):  # ranks other than 0 print nothing
+        return
     if as_json:
         print_json(summary)
         return

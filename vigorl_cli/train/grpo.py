@@ -16,7 +16,15 @@ Re-running on the same ``--out`` resumes from the last checkpoint with the same 
 
 Batch accounting (reference §5.8): one rollout step draws ``prompts_per_step`` prompts × ``group_size`` responses;
 the update walks them in mini-batches of ``responses_per_update`` (one optimizer step each), each made of
-micro-batches of ``micro_batch_size`` whose token-mean losses are averaged (divided by the micro-batch count).
+micro-batches of ``micro_batch_size``. A mini-batch's loss is the ``loss_agg`` mean over all its scored tokens (or
+sequences) on all ranks: each micro-batch's mean is weighted by its count over the global count, so neither the
+micro-batch size nor the number of ranks changes the update.
+
+Multi-GPU (``grpo.parallel: fsdp2 | deepspeed`` under torchrun, HF engine): rank ``r`` rolls out prompts
+``r, r + W, ...`` of the step (whole groups, so advantages stay per group) on the sharded policy, with
+``HFEngine(synced_gpus=True)`` and :func:`run_episodes_synced` keeping the ranks' collective forwards in lockstep;
+ranks then run the same number of optimizer steps and micro-batches (zero-weight dummies where a rank is short), and
+metrics and rollouts are gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -400,24 +408,46 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 engine.update_weights(run.full_state_dict())
                 timing["sync_s"] = time.perf_counter() - t0
 
-            # ---- 5. log ---------------------------------------------------------------------------------------
-            n_tok = [ep.n_tokens() for ep in episodes]
-            crops = [len(ep.crops) for ep in episodes]
-            uniq = [len({tuple(c["point"]) for c in ep.crops}) / len(ep.crops) for ep in episodes if ep.crops]
-            m = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                 **{f"reward/{k}": mean([p.get(k, 0.0) for p in parts]) for k in ("accuracy", "format", "grounding",
-                                                                                     "diversity")},
-                 "response_tokens": mean(n_tok), "turns": mean([ep.turns for ep in episodes]), "crops": mean(crops),
-                 "unique_crop_ratio": mean(uniq) if uniq else None, "truncated_frac": float(truncated.float().mean()),
-                 "trained_frac": len(items) / len(episodes), "image_failures": image_failures, "lr": lr,
-                 **{k: mean(v) for k, v in stats.items()},
-                 "logprob_diff_engine_vs_trainer": mean(diffs) if diffs else None,
+            # ---- 5. log (over all ranks; episodes in prompt order, as one process has them) --------------------
+            tr = truncated.tolist()
+            infos = [{"group": groups[i], "draw": ep.draw, "reward": float(rewards[i]), "parts": parts[i],
+                      "tokens": ep.n_tokens(), "turns": ep.turns, "crops": len(ep.crops),
+                      "uniq": len({tuple(c["point"]) for c in ep.crops}) / len(ep.crops) if ep.crops else None,
+                      "truncated": bool(tr[i]), "failures": list(ep.failures), "record": rec}
+                     for i, (ep, rec) in enumerate(zip(episodes, _rollout_records(episodes, parts)))]
+            stat_sums = {k: (sum(v), len(v)) for k, v in stats.items()}
+            n_items = len(items)
+            if synced:
+                gathered = dist.all_gather_object((infos, stat_sums, n_items))
+                infos = sorted((x for gg in gathered for x in gg[0]), key=lambda x: (x["group"], x["draw"]))
+                stat_sums = {k: (sum(gg[1].get(k, (0.0, 0))[0] for gg in gathered),
+                                 sum(gg[1].get(k, (0.0, 0))[1] for gg in gathered))
+                             for k in sorted({k for gg in gathered for k in gg[1]})}
+                n_items = sum(gg[2] for gg in gathered)
+            rw = torch.tensor([x["reward"] for x in infos], dtype=torch.float32)
+            n_tok = [x["tokens"] for x in infos]
+            uniq = [x["uniq"] for x in infos if x["uniq"] is not None]
+            m = {"reward": float(rw.mean()), "reward_std": float(rw.std()) if len(rw) > 1 else 0.0,
+                 **{f"reward/{k}": mean([x["parts"].get(k, 0.0) for x in infos])
+                    for k in ("accuracy", "format", "grounding", "diversity")},
+                 "response_tokens": mean(n_tok), "turns": mean([x["turns"] for x in infos]),
+                 "crops": mean([x["crops"] for x in infos]), "unique_crop_ratio": mean(uniq) if uniq else None,
+                 "truncated_frac": mean([float(x["truncated"]) for x in infos]),
+                 "trained_frac": n_items / len(infos), "image_failures": int(image_failures), "lr": lr,
+                 "loss": mean(step_losses) if step_losses else None,
+                 **{k: sm / max(1, n) for k, (sm, n) in stat_sums.items()},
+                 "logprob_diff_engine_vs_trainer": diff_sum / diff_n if diff_n else None,
                  **timing, "tokens_per_s": sum(n_tok) / max(1e-9, timing["rollout_s"])}
-            fails = Counter(f for ep in episodes for f in ep.failures)
-            m.update({f"failure/{k}": v / len(episodes) for k, v in fails.items()})
+            if synced:
+                m["world_size"] = dist.world_size
+            fails = Counter(f for x in infos for f in x["failures"])
+            m.update({f"failure/{k}": v / len(infos) for k, v in fails.items()})
             history.append(round(m["reward"], 6))
             logger.log(m, step=step + 1)
-            _write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", episodes, parts)
+            if dist.is_main:
+                from vigorl_cli.data.io import write_jsonl
+
+                write_jsonl(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", [x["record"] for x in infos])
             if prog is not None:
                 prog.update(task, completed=step + 1, stats=f"reward {m['reward']:.3f}  kl {m.get('kl', 0):.4f}  "
                                                             f"{m['tokens_per_s']:,.0f} tok/s")
@@ -429,14 +459,17 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         if prog is not None:
             prog.stop()
         logger.close()
-        if last_ckpt is None:
-            last_ckpt = latest_checkpoint(ckpt_root)
-        link_or_copy_tree(last_ckpt, out_dir / "model")
-        summary = {"steps": g.steps, "resumed_from": start if latest else None, "rewards": history,
-                   "final_reward": history[-1] if history else None, "model_dir": str(out_dir / "model"),
-                   "checkpoint": str(last_ckpt), "train_s": round(time.perf_counter() - t_run, 2),
-                   "n_prompts": len(samples)}
-        atomic_write_json(out_dir / "summary.json", summary)
+        summary: dict[str, Any] = {"steps": g.steps, "resumed_from": start if latest else None, "rewards": history,
+                                   "final_reward": history[-1] if history else None}
+        if dist.is_main:  # other ranks return no model_dir (the CLI prints nothing for them)
+            if last_ckpt is None:
+                last_ckpt = latest_checkpoint(ckpt_root)
+            link_or_copy_tree(last_ckpt, out_dir / "model")
+            summary.update(model_dir=str(out_dir / "model"), checkpoint=str(last_ckpt),
+                           train_s=round(time.perf_counter() - t_run, 2), n_prompts=len(samples),
+                           world_size=dist.world_size)
+            atomic_write_json(out_dir / "summary.json", summary)
+        dist.barrier()
         return summary
     finally:
         if engine is not None:
@@ -448,10 +481,45 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _write_rollouts(path: Path, episodes: list, parts: list[dict]) -> None:
-    """One record per trajectory, in the eval record shape (so `vigorl view` shows rollouts too)."""
-    from vigorl_cli.data.io import write_jsonl
+def run_episodes_synced(engine: Any, episodes: list, dist) -> None:
+    """:func:`~vigorl_cli.agent.episode.run_episodes` for a policy sharded over ranks (``HFEngine(synced_gpus=True)``).
 
+    Every rank calls ``engine.generate`` once per round, with the pending turns of its own live episodes (possibly
+    none: the engine then runs dummy batches alongside the other ranks), until an all-reduce says that no rank has a
+    live episode left. Episodes are multi-turn or single-turn alike."""
+    from vigorl_cli.engines.base import Completion
+
+    live = [e for e in episodes if not e.done]
+    while True:
+        (n_live,) = dist.all_reduce_sum([len(live)])
+        if n_live == 0:
+            return
+        results = engine.generate([e.request() for e in live])
+        for e, comps in zip(live, results):
+            e.feed(comps[0] if comps else Completion([], "", None, "error", error="no completion"))
+        live = [e for e in live if not e.done]
+
+
+def _agg_count(mask: torch.Tensor, loss_agg: str) -> float:
+    """What a micro-batch's aggregated loss is a mean over: scored tokens (token_mean) or scored sequences."""
+    if loss_agg == "token_mean":
+        return float(mask.sum())
+    return float((mask.sum(dim=-1) > 0).sum())
+
+
+def _dummy_example(collate, processor):
+    """A blank-image segment plus two tokens (one scored): a micro-batch for a rank that has run out of data (its
+    loss is multiplied by 0; the forward and backward still run every sharded module, as the other ranks' do)."""
+    from vigorl_cli.train.batching import Example
+
+    fake = collate.fake_image_example()
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = list(fake.input_ids) + [end, end]
+    return Example.from_ids("dummy", ids, [False] * (len(ids) - 1) + [True], fake.images, collate.image_token_id)
+
+
+def _rollout_records(episodes: list, parts: list[dict]) -> list[dict]:
+    """One record per trajectory, in the eval record shape (so `vigorl view` shows rollouts too)."""
     recs = []
     for ep, p in zip(episodes, parts):
         s = ep.sample
@@ -460,5 +528,5 @@ def _write_rollouts(path: Path, episodes: list, parts: list[dict]) -> None:
                      "reward": p, "failure": ep.failures[0] if ep.failures else None, "failures": ep.failures,
                      **ep.to_record(), "frame": ep.images[0].frame.to_dict(),
                      "image": s.images[0] if s.images else None})
-    write_jsonl(path, recs)
+    return recs
 
