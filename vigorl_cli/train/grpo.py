@@ -467,7 +467,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             link_or_copy_tree(last_ckpt, out_dir / "model")
             summary.update(model_dir=str(out_dir / "model"), checkpoint=str(last_ckpt),
                            train_s=round(time.perf_counter() - t_run, 2), n_prompts=len(samples),
-                           world_size=dist.world_size)
+                           world_size=dist.world_size,
+                           data_root=str(recipe.data_root().resolve()))  # `vigorl view OUT/rollouts` finds images
             atomic_write_json(out_dir / "summary.json", summary)
         dist.barrier()
         return summary
