@@ -104,3 +104,33 @@ def test_gumbel_noise_is_a_counter_based_stream_with_the_right_distribution():
     picks = (logits[None, :] + gumbel_noise(torch.arange(20000, dtype=torch.int64), 0, 3)).argmax(-1)
     freq = torch.bincount(picks, minlength=3).double() / 20000
     assert torch.allclose(freq, torch.softmax(logits, 0), atol=0.015)
+
+
+def test_an_image_shown_to_many_rows_is_encoded_once_with_identical_results(tiny_bundle):
+    """A GRPO group: 4 requests (n=2 each) about one image; the vision tower must see that image once, and the
+    samples and log-probs must equal those of encoding it for every row."""
+    eng = HFEngine(tiny_bundle, batch_size=16)
+    reqs = []
+    for seed in range(4):
+        r = _req(tiny_bundle, "What colour is it?", IM1, seed=seed, n=2, max_new_tokens=10)
+        r.image_keys = ["sample-1/full"]
+        reqs.append(r)
+    reqs.append(_req(tiny_bundle, "And this one?", IM2, seed=9, max_new_tokens=10))  # another image, no key
+    seen = []
+    visual = tiny_bundle.model.model.visual
+    hook = visual.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    try:
+        shared = eng.generate(reqs)
+        eng.dedupe_images = False
+        separate = eng.generate(reqs)
+    finally:
+        eng.dedupe_images = True
+        hook.remove()
+    pv1, _ = eng.encode_images([IM1])
+    pv2, _ = eng.encode_images([IM2])
+    assert seen[0] == pv1.shape[0] + pv2.shape[0]  # two distinct images encoded, not nine occurrences
+    assert seen[1] == 8 * pv1.shape[0] + pv2.shape[0]
+    for a, b in zip(shared, separate):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)

@@ -120,6 +120,31 @@ def _all_reduce_max(n: int) -> int:
     return int(t.item())
 
 
+@contextlib.contextmanager
+def _shared_image_features(model: Any, grid_unique: torch.Tensor, occurrence: list[int]):
+    """During one ``generate``: the model receives the pixels of the distinct images only (and the full per-occurrence
+    ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct images and hands
+    back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple per image)."""
+    core = model.model
+    original = core.get_image_features
+    index = list(occurrence)
+
+    def shared(pixel_values, image_grid_thw=None, **kw):
+        out = original(pixel_values, grid_unique, **kw)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        per_occ = tuple(feats[u] for u in index)
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = per_occ
+            return out
+        return per_occ
+
+    core.get_image_features = shared
+    try:
+        yield
+    finally:
+        del core.get_image_features  # back to the class method
+
+
 class HFEngine:
     """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
 
@@ -140,6 +165,7 @@ class HFEngine:
         (e.g. through the FSDP root's forward, so that the root's parameters are gathered around it)."""
         self.autocast_dtype = autocast_dtype
         self.synced_gpus = bool(synced_gpus)
+        self.dedupe_images = True
         self.generate_fn = generate_fn
         self.bundle = bundle
         self.model = bundle.model
@@ -230,17 +256,39 @@ class HFEngine:
     def _run(self, requests: list[GenerationRequest], chunk: list[tuple[int, int, int]]) -> list[Completion]:
         device = self.model.device
         params = requests[chunk[0][0]].params
-        enc_cache: dict[int, tuple] = {}
-        ids_rows, pix, grids = [], [], []
+        # Every distinct image is processed and encoded once per call, however many rows show it (a GRPO group, the
+        # n samples of a request, MCTS nodes of one tree): rows name their images by key (request.image_keys, else
+        # the object's identity); the vision tower sees only the distinct ones (see _shared_image_features).
+        keys: list[Any] = []
+        occ: list[int] = []  # image occurrence (row order) → index into the distinct images
+        uniq: list[Any] = []
+        row_occ: list[list[int]] = []
         for ri, _, _ in chunk:
-            if ri not in enc_cache:
-                pv, grid = self.encode_images(requests[ri].images)
-                enc_cache[ri] = (pv, grid, self.expand(requests[ri].prompt_ids, grid))
-            pv, grid, ids = enc_cache[ri]
-            ids_rows.append(ids)
-            if pv is not None:
-                pix.append(pv)
-                grids.append(grid)
+            req = requests[ri]
+            mine = []
+            for j, img in enumerate(req.images):
+                key = req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
+                if key not in keys:
+                    keys.append(key)
+                    uniq.append(img)
+                mine.append(len(occ))
+                occ.append(keys.index(key))
+            row_occ.append(mine)
+        pv_u, grid_u = self.encode_images(uniq)
+        grid_occ = grid_u[torch.tensor(occ, dtype=torch.long)] if uniq else None  # [n_occurrences, 3]
+        ids_rows = []
+        for (ri, _, _), mine in zip(chunk, row_occ):
+            ids_rows.append(self.expand(requests[ri].prompt_ids, grid_occ[mine] if mine else None))
+        share = self.dedupe_images and uniq and len(uniq) < len(occ) and self.bundle.kind in ("qwen2_vl", "qwen2_5_vl")
+        if uniq and not share:  # every occurrence encoded (models whose image features we do not re-use)
+            sizes = grid_u.prod(-1).tolist()
+            starts = [0]
+            for n in sizes:
+                starts.append(starts[-1] + n)
+            pix = [torch.cat([pv_u[starts[u]:starts[u + 1]] for u in occ])]
+        else:
+            pix = [pv_u] if uniq else []
+        grids = [grid_occ] if uniq else []
         width = max(len(r) for r in ids_rows)
         input_ids = torch.full((len(ids_rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(input_ids)
@@ -261,9 +309,11 @@ class HFEngine:
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
+        shared = (_shared_image_features(self.model, grid_u.to(device), occ) if pix and share
+                  else contextlib.nullcontext())
         try:
             extra = {"synced_gpus": True} if self.synced_gpus else {}
-            with autocast:
+            with autocast, shared:
                 gen = (self.generate_fn or self.model.generate)(
                     **inputs, generation_config=gc, logits_processor=[sampler],
                     tokenizer=self.tok if params.stop else None, **extra)
