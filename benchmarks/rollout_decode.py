@@ -66,10 +66,16 @@ def main() -> None:
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
     def ours():
+        eng.dedupe_images = True
+        return eng.generate(reqs)
+
+    def ours_no_dedupe():
+        eng.dedupe_images = False
         return eng.generate(reqs)
 
     results = {}
-    for name, fn in (("plain_hf_generate", plain), ("vigorl_hf_engine", ours)):
+    for name, fn in (("plain_hf_generate", plain), ("vigorl_hf_engine", ours),
+                     ("vigorl_hf_engine_no_image_dedupe", ours_no_dedupe)):
         fn()  # warm-up
         times = []
         for _ in range(args.reps):
@@ -78,7 +84,7 @@ def main() -> None:
             out = fn()
             sync()
             times.append(time.perf_counter() - t)
-        if name == "vigorl_hf_engine":
+        if name.startswith("vigorl_hf_engine"):
             n_tok = sum(len(c[0].token_ids) for c in out)
         else:
             n_tok = (out.shape[1] - batch["input_ids"].shape[1]) * args.batch
