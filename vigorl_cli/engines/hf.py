@@ -63,12 +63,11 @@ def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 class SeededSampler(LogitsProcessor):
     """Samples each row from its own seeded stream; returns scores that make greedy selection pick that sample."""
 
-    def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int], prompt_len: int,
+    def __init__(self, params: SamplingParams, seeds: list[int], suppress_ids: list[int],
                  device: torch.device | str = "cpu"):
         self.p = params
         self.seeds = torch.tensor([int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.int64, device=device)
         self.suppress = torch.tensor(suppress_ids, dtype=torch.long, device=device) if suppress_ids else None
-        self.prompt_len = prompt_len
         self._steps: list[torch.Tensor] = []
 
     @property
@@ -300,7 +299,7 @@ class HFEngine:
         if pix:
             inputs["pixel_values"] = torch.cat(pix).to(device, dtype=self.model.dtype)
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
-        sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, width, device=device)
+        sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
         # generate() fills unset fields from the checkpoint's generation config (suppress_tokens, top_k, ...):

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
-from vigorl_cli.agent.images import model_frame
+from vigorl_cli.agent.images import load_for_model
 from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
 from vigorl_cli.data.schema import Sample
 from vigorl_cli.engines.base import SamplingParams
@@ -44,7 +44,7 @@ from vigorl_cli.eval.benchmarks import (
 )
 from vigorl_cli.models import prompts
 from vigorl_cli.rewards.judges import judge_in_frame
-from vigorl_cli.vision.frames import Frame, resize_image
+from vigorl_cli.vision.frames import Frame
 from vigorl_cli.vision.zoom import ZoomTool
 
 
@@ -85,11 +85,6 @@ def load_benchmark(bench: Benchmark, root: Path, limit: int | None = None) -> tu
     if limit is not None:
         items = items[:limit]
     return items, errors
-
-
-def _frame_for(img: Image.Image, bench: Benchmark, processor: Any) -> Frame:
-    """Original → benchmark limit (max side / max pixels) → the processor's own smart resize, as one Frame."""
-    return model_frame(*img.size, processor, max_side=bench.max_side, max_pixels=bench.max_pixels)
 
 
 def _system_prompt(bench: Benchmark, s: Sample, multi: bool, st: EvalSettings) -> str:
@@ -179,11 +174,8 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
                 if s.id not in cache:
                     if not s.images:
                         raise FileNotFoundError("sample has no image")
-                    path = s.image_paths(st.data_root)[0]
-                    with Image.open(path) as im:
-                        original = im.convert("RGB")
-                    frame = _frame_for(original, bench, processor)
-                    cache[s.id] = (original, frame, resize_image(original, frame))
+                    cache[s.id] = load_for_model(s.image_paths(st.data_root)[0], processor,
+                                                 max_side=bench.max_side, max_pixels=bench.max_pixels)
                 original, frame, shown = cache[s.id]
             except (OSError, UnidentifiedImageError, ValueError) as e:
                 rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name, "split": it.split,

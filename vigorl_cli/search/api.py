@@ -16,7 +16,7 @@ id whatever the file order, so machines can split a dataset without coordinating
 
 from __future__ import annotations
 
-from vigorl_cli.agent.images import model_frame as shared_model_frame
+from vigorl_cli.agent.images import load_for_model
 
 import json
 import random
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from vigorl_cli.data.formats import read_samples
 from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
@@ -36,7 +36,6 @@ from vigorl_cli.engines.base import derive_seed
 from vigorl_cli.errors import DataError, RecipeError
 from vigorl_cli.recipe import Recipe, expand_env
 from vigorl_cli.search.mcts import Counters, MCTSSettings, TreeSearch, drive, drive_sequential
-from vigorl_cli.vision.frames import Frame, resize_image
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
@@ -73,11 +72,6 @@ def load_samples(files: list[str | Path], root: Path, max_samples: int | None = 
             samples = samples[:max_samples]
         out.extend(samples)
     return out, errors
-
-
-def model_frame(width: int, height: int, processor: Any) -> Frame:
-    """The frame of the image the model sees: the processor's smart resize (its own pixel limits)."""
-    return shared_model_frame(width, height, processor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,13 +151,11 @@ def search_samples(samples: list[Sample], engine: Any, processor: Any, settings:
                 if not s.images:
                     raise FileNotFoundError("the sample names no image")
                 path = s.image_paths(data_root)[0]
-                with Image.open(path) as im:
-                    original = im.convert("RGB")
+                _, frame, shown = load_for_model(path, processor)
             except (OSError, UnidentifiedImageError) as e:
                 record_error({"id": s.id, "error": "image_error", "error_message": f"{type(e).__name__}: {e}"})
                 continue
-            frame = model_frame(*original.size, processor)
-            yield TreeSearch(s, resize_image(original, frame), frame, processor, settings,
+            yield TreeSearch(s, shown, frame, processor, settings,
                              image_path=str(Path(path).resolve()), counters=stats.counters)
 
     def finish(t: TreeSearch) -> None:

@@ -194,6 +194,18 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str = "hf.") -> dict[str, torch.
     return {k.removeprefix(prefix): v for k, v in sd.items()}
 
 
+def _clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, max_norm: float, lr: float) -> float:
+    """Clip the gradient norm, set the learning rate, step, zero the grads; returns the norm before clipping.
+    (Under FSDP2 the norm is a DTensor: its full value is the global norm.)"""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 class Wrapped:
     """The interface a training loop sees. ``module`` is called for the forward; ``hf`` is the HF (or peft) model."""
 
@@ -245,12 +257,7 @@ class SingleProcess(Wrapped):
         loss.backward()
 
     def step(self, lr: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return _clip_and_step(self.params, self.optimizer, self.cfg.max_grad_norm, lr)
 
     def full_state_dict(self):
         return _strip(self.module.state_dict())
@@ -299,13 +306,7 @@ class FSDP2(Wrapped):
         (loss * self.dist.world_size).backward()  # FSDP2 averages gradients over ranks; we want the sum
 
     def step(self, lr: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return _clip_and_step(self.params, self.optimizer, self.cfg.max_grad_norm, lr)
 
     def full_state_dict(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
