@@ -35,7 +35,7 @@ from vigorl_cli.search.mcts import (
     drive_sequential,
     merge_requests,
 )
-from vigorl_cli.search.tree import NODE_KEYS, RECORD_KEYS, ROLLOUT_KEYS, TreeRecord
+from vigorl_cli.search.tree import NODE_KEYS, RECORD_KEYS, ROLLOUT_KEYS, TreeNode, TreeRecord
 from vigorl_cli.vision.frames import Frame
 from vigorl_cli.vision.zoom import ZoomTool
 
@@ -233,6 +233,110 @@ def test_rollouts_force_the_final_answer_on_their_last_step_and_unanswered_rollo
     assert (ro.depth, ro.ephemeral_depth, ro.reward, ro.extra["failure"]) == (3, 4, 0.0, "no_answer")
 
 
+def _node(value, visits, children=()):
+    n = TreeNode("<think>\nx\n</think>", value=value, visit_count=visits)
+    for c in children:
+        n.add_child(c)
+    return n
+
+
+def test_selection_follows_ucb_with_the_plus_one_terms_and_c_2(proc):
+    st = MCTSSettings(sampling=SamplingParams(max_new_tokens=8), seed=1)  # c_puct = 2.0
+    t = TreeSearch(Sample(id="q", images=["x.png"], question=QUESTION, answer="above"), Image.new("RGB", (56, 56)),
+                   Frame.identity(56, 56), proc, st)
+    # root N = 13; children (value, visits) = (0.8, 8), (0.4, 3), (0.0, 2). UCB = Q + 2*sqrt(ln(N+1)/(n+1)),
+    # ln 14 = 2.639057:
+    #   c0: 0.8 + 2*sqrt(2.639057/9) = 0.8 + 2*0.541506 = 1.8830
+    #   c1: 0.4 + 2*sqrt(2.639057/4) = 0.4 + 2*0.812259 = 2.0245   <- the reference's formula picks c1
+    #   c2: 0.0 + 2*sqrt(2.639057/3) = 0.0 + 2*0.937916 = 1.8758
+    # Wrong formulas pick another child:
+    #   no +1 terms, Q + 2*sqrt(ln N / n), ln 13 = 2.564949: c0 1.9325, c1 2.2493, c2 2.2649 -> c2
+    #   c = 1.4 (the reference constructor's default): c0 1.5581, c1 1.5372, c2 1.3131 -> c0
+    #   greedy on Q -> c0; fewest visits -> c2
+    # c1 has a child that was never visited, so selection stops at c1 (it is expanded next).
+    c1 = _node(0.4, 3, [_node(1.0, 2), _node(0.0, 0)])
+    t.root.value, t.root.visit_count = 0.5, 13
+    for c in (_node(0.8, 8), c1, _node(0.0, 2)):
+        t.root.add_child(c)
+    assert t._select() == [t.root, c1]
+    # with every grandchild visited the walk goes on: (1.0, 2) vs (0.0, 1) under N = 3, ln 4 = 1.386294:
+    # 1.0 + 2*sqrt(1.386294/3) = 2.3595 vs 0.0 + 2*sqrt(1.386294/2) = 1.6651 -> the first
+    c1.children[1].visit_count = 1
+    assert t._select() == [t.root, c1, c1.children[0]]
+    # a root with an unvisited child stops at the root
+    t.root.add_child(_node(0.0, 0))
+    assert t._select() == [t.root]
+
+
+def _limit_policy(mode, log):
+    """Answers "above" exactly when the step is forced, else a thought with a new coordinate (a tool call in
+    multi-turn mode); logs (kind of request, forced)."""
+    count = [0]
+
+    def policy(r, rng):
+        is_forced = forced(r) if mode == "singleturn" else bool(r.messages[-1].get("prefix"))
+        log.append(("expand" if "/expand/" in r.request_id else "rollout", is_forced))
+        if is_forced:
+            return "<answer> above </answer>" if mode == "singleturn" else " above </answer>"
+        count[0] += 1
+        x, y = 4 + 6 * count[0], 30
+        if mode == "singleturn":
+            return f"<think>\nlook at ({x}, {y})\n</think>"
+        return f"<think> look at ({x}, {y}) </think>\n" + prompts.tool_call_text(x, y)
+    return policy
+
+
+@pytest.mark.parametrize("mode", ["singleturn", "multiturn"])
+def test_rollout_and_expansion_at_max_depth_are_forced_to_answer(proc, mode):
+    # max_depth 2, one child per expansion, one rollout per child, rollout_max_steps 5 (never the binding limit):
+    # sim 1: expand the root (depth 0 < 2: free) -> A (depth 1); A's rollout starts at ephemeral depth 1 and its
+    #        first step reaches depth 2 = max_depth: forced (edepth == max_depth - 1) -> answers, reward 1
+    # sim 2: root -> A (its only child); A is a leaf at depth 1: free expansion -> B (depth 2); B's rollout cannot
+    #        take a step (ephemeral depth 2 is not < max_depth): no answer, reward 0
+    # sim 3: root -> A -> B; B is at depth 2 >= max_depth: its expansion is forced -> terminal child "above"
+    log: list = []
+    st = MCTSSettings(simulations=3, max_depth=2, children_per_expand=1, rollouts_per_node=1, rollout_max_steps=5,
+                      sampling=SamplingParams(max_new_tokens=8), seed=1, mode=mode,
+                      zoom=ZoomTool(offset=10, crop_size=28, draw_dot=False))
+    t = TreeSearch(Sample(id="q", images=["x.png"], question=QUESTION, answer="above"), Image.new("RGB", (56, 56)),
+                   Frame.identity(56, 56), proc, st)
+    drive_sequential(Teacher(proc.tokenizer, _limit_policy(mode, log)), [t], lambda _: None)
+    assert t.error is None
+    assert log == [("expand", False), ("rollout", True), ("expand", False), ("expand", True)]
+    a = t.root.children[0]
+    b = a.children[0]
+    term = b.children[0]
+    assert [n.depth for n in (a, b, term)] == [1, 2, 3] and term.is_terminal and not b.is_terminal
+    ro_a, ro_b, ro_t = a.rollouts[0], b.rollouts[0], term.rollouts[0]
+    assert (ro_a.reward, ro_a.final_answer, ro_a.depth, ro_a.ephemeral_depth) == (1.0, "above", 1, 2)
+    assert (ro_b.reward, ro_b.extra["failure"], ro_b.depth) == (0.0, "no_answer", 0)
+    assert ro_t.reward == 1.0
+    if mode == "multiturn":
+        # the forced turns start with the episode's forced-answer prefix; B's conversation was not changed by it
+        assert ro_a.ephemeral_texts[-1] == prompts.FORCED_ANSWER_PREFIX + " above </answer>"
+        assert term.thought_text == prompts.FORCED_ANSWER_PREFIX + " above </answer>"
+        assert term.extra["finish"] == "answered" and not b.state.done and b.state._pending_prefix == ""
+        assert [c["turn"] for c in ro_a.extra["crops"]] == [1]
+    else:
+        assert term.thought_text == "above" and ro_a.ephemeral_texts[-1] == "<answer> above </answer>"
+
+
+def test_multiturn_rollouts_force_the_final_answer_on_their_last_step(proc):
+    log: list = []
+    st = MCTSSettings(simulations=1, children_per_expand=1, rollouts_per_node=1, rollout_max_steps=3, seed=1,
+                      sampling=SamplingParams(max_new_tokens=8), mode="multiturn", max_images=10,
+                      zoom=ZoomTool(offset=10, crop_size=28, draw_dot=False))
+    t = TreeSearch(Sample(id="q", images=["x.png"], question=QUESTION, answer="above"), Image.new("RGB", (56, 56)),
+                   Frame.identity(56, 56), proc, st)
+    drive_sequential(Teacher(proc.tokenizer, _limit_policy("multiturn", log)), [t], lambda _: None)
+    # expansion, then rollout steps 1, 2, 3: only the last (rollout_max_steps - 1 = 2 steps taken) is forced
+    assert log == [("expand", False), ("rollout", False), ("rollout", False), ("rollout", True)]
+    ro = t.root.children[0].rollouts[0]
+    assert (ro.depth, ro.ephemeral_depth, ro.reward, ro.final_answer) == (3, 4, 1.0, "above")
+    assert ro.ephemeral_texts[-1].startswith(prompts.FORCED_ANSWER_PREFIX) and "failure" not in ro.extra
+    assert [c["turn"] for c in ro.extra["crops"]] == [1, 2, 3]  # the three tool-call turns before the answer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The result does not depend on the driver
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,8 +344,8 @@ def test_rollouts_force_the_final_answer_on_their_last_step_and_unanswered_rollo
 def test_batched_and_sequential_drivers_build_identical_trees_with_the_seeded_hf_engine(tiny_bundle):
     # one simulation: an expansion (one n=2 request when batched) and 2 x 2 rollouts of 2 steps (the first steps of
     # a child's rollouts share one n=2 request); two trees with different image sizes share every batch
-    kw = dict(simulations=1, children_per_expand=2, rollouts_per_node=2, rollout_max_steps=2, system_prompt="Think.",
-              max_new_tokens=6)
+    kw = {"simulations": 1, "children_per_expand": 2, "rollouts_per_node": 2, "rollout_max_steps": 2,
+          "system_prompt": "Think.", "max_new_tokens": 6}
     seq_engine, bat_engine = HFEngine(tiny_bundle, batch_size=64), HFEngine(tiny_bundle, batch_size=64)
     seq = _run(drive_sequential, seq_engine, _searches(tiny_bundle.processor, n=2, **kw))
     bat = _run(drive_batched, bat_engine, _searches(tiny_bundle.processor, n=2, **kw), in_flight=2)
@@ -393,7 +497,7 @@ def multiturn_policy(r, rng):
 
 
 def test_multiturn_search_feeds_crops_back_and_records_them_for_linearization(proc):
-    kw = dict(simulations=3, policy_mode="multiturn")
+    kw = {"simulations": 3, "policy_mode": "multiturn"}
     seq = _run(drive_sequential, Teacher(proc.tokenizer, multiturn_policy), _searches(proc, n=2, **kw))
     bat = _run(drive_batched, Teacher(proc.tokenizer, multiturn_policy), _searches(proc, n=2, **kw), in_flight=2)
     assert untimed(seq) == untimed(bat)

@@ -258,9 +258,18 @@ class Episode:
                                                           {"type": "image", "image": crop.image},
                                                           {"type": "text", "text": after}]})
         if forced:
-            self.segments.append(Segment("forced", prefix_ids, prompts.FORCED_ANSWER_PREFIX))
-            self._pending_prefix = prompts.FORCED_ANSWER_PREFIX
-            self._force_next = True
+            self.force_answer()
+
+    def force_answer(self) -> None:
+        """Make the next turn the final answer: the forced-answer prefix (``FORCED_ANSWER_PREFIX``) starts it, as
+        with the crop that reaches ``max_images``. Used there and by MCTS (multi-turn) at its step and depth limits.
+        No effect on a finished episode or one whose next turn is already forced."""
+        if self.done or self._pending_prefix:
+            return
+        self.segments.append(Segment("forced", self._encode(prompts.FORCED_ANSWER_PREFIX),
+                                     prompts.FORCED_ANSWER_PREFIX))
+        self._pending_prefix = prompts.FORCED_ANSWER_PREFIX
+        self._force_next = True
 
     def _finish_answer(self, turn_text: str, c: Completion) -> None:
         parsed = parse_response(turn_text)

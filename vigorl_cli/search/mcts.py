@@ -47,8 +47,10 @@ the image the teacher saw, stored as ``frame``); ``mode: multiturn`` is new (bel
 
 **mode: multiturn** (not in the reference): the tree is searched over a real multi-turn conversation, run by
 :class:`vigorl_cli.agent.episode.Episode` (multi-turn system prompt, ``<tool_call>`` steps, the crop fed back as an
-observation turn, forced answer at the image limit). A node is one assistant turn (``thought_text`` = the whole
-turn) and holds its conversation; children continue it; a node whose turn called the zoom tool records the crop
+observation turn, forced answer at the image limit). At the step and depth limits the forced answer is the
+episode's forced-answer prefix (``FORCED_ANSWER_PREFIX``) starting the assistant turn, where single-turn mode adds
+the ``FORCE_FINAL_TEXT`` user message. A node is one assistant turn (``thought_text`` = the whole turn, the forced
+prefix included) and holds its conversation; children continue it; a node whose turn called the zoom tool records the crop
 (``crop``). Rollouts record which turns called the tool, so :mod:`vigorl_cli.linearize.multiturn` turns the tree
 straight into dialogs without post-hoc crop insertion.
 """
@@ -303,16 +305,29 @@ class TreeSearch:
     def _root_state(self) -> Any:
         if self.cfg.mode == "singleturn":
             return ()  # the thoughts after the question
+        # max_turns = max_depth + 1: a node at max_depth stays expandable, and its expansion is forced to answer
+        # (as in single-turn mode), so the episode's own turn limit never ends a conversation unanswered first
         cfg = EpisodeConfig(sampling=self.cfg.sampling, multiturn=True, zoom=self.cfg.zoom,
-                            max_turns=self.cfg.max_depth, max_images=self.cfg.max_images,
+                            max_turns=self.cfg.max_depth + 1, max_images=self.cfg.max_images,
                             max_response_tokens=1 << 30)
         return Episode(self.sample, self.image, self.frame, self.system_prompt, self.processor, cfg,
                        seed=self.cfg.seed)
 
-    def _request(self, state: Any, force: bool) -> GenerationRequest:
-        """The next step's request from a node's conversation state (n = 1, not yet seeded)."""
+    def _prepare(self, state: Any, force: bool) -> tuple[Any, GenerationRequest]:
+        """The state the next step continues and its request (n = 1, not yet seeded). ``force``: the step must
+        answer. Single-turn: a second user message ``FORCE_FINAL_TEXT`` (reference). Multi-turn: a copy of the
+        conversation whose next assistant turn starts with the episode's forced-answer prefix
+        (:meth:`Episode.force_answer`, the same text the episode appends at its image limit); the completion is
+        fed to that copy, so the node's turn holds the prefix. ``state`` itself is never modified."""
         if self.cfg.mode == "multiturn":
-            return state.request()  # the episode builds its own token-exact prompt
+            if force and not state.done:
+                state = fork_episode(state)
+                state.force_answer()
+            return state, state.request()  # the episode builds its own token-exact prompt
+        return state, self._request(state, force)
+
+    def _request(self, state: Any, force: bool) -> GenerationRequest:
+        """Single-turn: the reference's prompt layout for the thoughts in ``state``."""
         text = prompts.mcts_user_text(self.sample.question, list(state))
         messages: list[dict] = [{"role": "system", "content": self.system_prompt},
                                 {"role": "user", "content": [{"type": "image", "image": self.image},
@@ -402,12 +417,12 @@ class TreeSearch:
         key = ("expand", leaf.path_id, leaf.expansions)
         leaf.expansions += 1
         self.stats["expansions"] += 1
-        request = self._request(leaf.state, force)
+        state, request = self._prepare(leaf.state, force)
         comps = yield [self._gen_for(key, k, request) for k in range(self.cfg.children_per_expand)]
         used = {p.xy for s in leaf.used_coords for p in find_points(s)}
         children = []
         for comp in comps:
-            step = self._advance_state(leaf.state, comp)
+            step = self._advance_state(state, comp)
             if not step.terminal and any(p in used for p in step.points):
                 self.stats["skipped_repeats"] += 1  # "Never repeat coordinates": the child is dropped
                 continue
@@ -441,7 +456,8 @@ class TreeSearch:
             force = depth == self.cfg.rollout_max_steps - 1 or edepth == self.cfg.max_depth - 1
             # the first steps of a child's rollouts share one prompt: one group (n = rollouts_per_node)
             key, k = (("rollout", child.path_id, 0), r) if depth == 0 else (("rollout", child.path_id, r, depth), 0)
-            comp = (yield [self._gen_for(key, k, self._request(state, force))])[0]
+            state, request = self._prepare(state, force)
+            comp = (yield [self._gen_for(key, k, request)])[0]
             step = self._advance_state(state, comp)
             state, depth, edepth, n_tok = step.state, depth + 1, edepth + 1, n_tok + step.n_tokens
             texts.append(step.text)
