@@ -469,6 +469,26 @@ def test_failed_samples_are_recorded_with_their_kind_and_retried_by_a_rerun(proc
     assert last["id"] == "s2" and last["timeout_seconds"] == 0.01
 
 
+def test_mcts_sample_limit_is_cli_limit_then_mcts_max_samples_then_data_max_samples(proc, tmp_path, monkeypatch):
+    from vigorl_cli.engines import factory
+
+    _write_data(tmp_path, n=5)
+    monkeypatch.setattr(factory, "make_engine", lambda *a, **k: (Teacher(proc.tokenizer, spatial_policy), proc))
+    r = load_recipe(None, ["mcts.simulations=1", "mcts.sampling.max_new_tokens=8", "data.max_samples=4"])
+    r.data.mcts = ["mcts.jsonl"]
+
+    def trees(**kw):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        return run_mcts(r, out=out, data_root=tmp_path, **kw)["trees"]
+
+    assert trees() == 4  # data.max_samples
+    r.mcts.max_samples = 2
+    assert trees() == 2  # mcts.max_samples overrides data.max_samples (it was ignored: 4)
+    assert trees(limit=3) == 3  # --limit overrides both
+    r.mcts.max_samples, r.data.max_samples = None, None
+    assert trees() == 5
+
+
 def test_shards_split_the_ids_into_disjoint_parts_and_write_their_own_files(proc, tmp_path):
     ids = [f"id-{i}" for i in range(200)]
     parts = [{i for i in ids if in_shard(i, (k, 3))} for k in range(3)]

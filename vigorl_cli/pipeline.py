@@ -101,7 +101,7 @@ def run_pipeline(r: Recipe, out: Path | None = None, start: str | None = None, s
             if not r.data.mcts:
                 res = {"skipped": "data.mcts is empty"}
             else:
-                summ = run_mcts(r, out=d, limit=r.mcts.max_samples, progress_factory=progress_factory)
+                summ = run_mcts(r, out=d, progress_factory=progress_factory)  # mcts.max_samples: run_mcts
                 res = {"trees": [str(p) for p in sorted(d.glob("trees*.jsonl"))], "summary": summ}
         elif stage == "linearize":
             trees = info.get("mcts", {}).get("trees") or []

@@ -119,7 +119,8 @@ class MCTSConfig:
     max_thoughts: int = F(7, "upper bound of N (inclusive)")
     add_thought_number: bool = F(True, "append the 'at least N thoughts' line to the system prompt")
     judge: str = F("auto", "judge name (auto: from the sample's task)")
-    max_samples: int | None = F(None, "search at most this many samples (after data.max_samples)")
+    max_samples: int | None = F(None, "search at most this many samples per input file (seeded shuffle); "
+                                      "overrides data.max_samples, --limit overrides it")
     model: str | None = F(None, "teacher model for the search (default: model.name); the reference used "
                                 "Qwen/Qwen2.5-VL-72B-Instruct behind vLLM servers")
     engine: Literal["hf", "vllm", "openai"] | None = F(None, "engine backend for the search (default: engine.backend)")

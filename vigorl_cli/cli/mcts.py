@@ -24,7 +24,9 @@ def mcts_command(
                                                                            "(default: recipe data.mcts)")] = None,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="DATA_ROOT (default: recipe data.root)")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: search only shard I of N (0-based)")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="samples per input file")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="samples per input file, seeded shuffle "
+                                                                      "(default: mcts.max_samples, else "
+                                                                      "data.max_samples)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search trees of grounded thought steps with a teacher model; one tree per sample in the reference schema.

@@ -16,8 +16,6 @@ id whatever the file order, so machines can split a dataset without coordinating
 
 from __future__ import annotations
 
-from vigorl_cli.agent.images import load_for_model
-
 import json
 import random
 import time
@@ -29,6 +27,7 @@ from typing import Any
 
 from PIL import UnidentifiedImageError
 
+from vigorl_cli.agent.images import load_for_model
 from vigorl_cli.data.formats import read_samples
 from vigorl_cli.data.io import LineError, ResultsFile, atomic_write_json
 from vigorl_cli.data.schema import Sample
@@ -203,6 +202,12 @@ def summarize(records: list[dict], stats: RunStats, seconds: float) -> dict:
 # Recipe → run
 # ---------------------------------------------------------------------------------------------------------------
 
+def sample_limit(r: Recipe, limit: int | None = None) -> int | None:
+    """Samples per input file: ``--limit`` > ``mcts.max_samples`` > ``data.max_samples`` (the first one set), as
+    ``vigorl eval`` lets ``--limit`` override ``eval.max_samples``; ``None``: every sample."""
+    return next((v for v in (limit, r.mcts.max_samples, r.data.max_samples) if v is not None), None)
+
+
 def run_mcts(r: Recipe, out: Path | None = None, model: str | None = None, engine: str | None = None,
              base_urls: list[str] | None = None, files: list[str] | None = None, data_root: Path | None = None,
              shard: str | None = None, limit: int | None = None,
@@ -214,7 +219,7 @@ def run_mcts(r: Recipe, out: Path | None = None, model: str | None = None, engin
     inputs = list(files or r.data.mcts)
     if not inputs:
         raise RecipeError("no MCTS input files", hint="data.mcts in the recipe, or --data FILE")
-    samples, load_errors = load_samples(inputs, root, limit or r.data.max_samples, seed=r.seed)
+    samples, load_errors = load_samples(inputs, root, sample_limit(r, limit), seed=r.seed)
     if not samples:
         raise DataError(f"no usable samples in {', '.join(map(str, inputs))}",
                         hint="; ".join(str(e) for e in load_errors[:3]) or None)
