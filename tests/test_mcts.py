@@ -489,6 +489,43 @@ def test_mcts_sample_limit_is_cli_limit_then_mcts_max_samples_then_data_max_samp
     assert trees() == 5
 
 
+class SlowAsyncTeacher(AsyncTeacher):
+    """Requests of the samples in ``slow`` take ``delay`` seconds (a hung server); counts cancelled requests."""
+
+    def __init__(self, tok, policy, slow=(), delay=0.0):
+        super().__init__(tok, policy)
+        self.slow, self.slow_delay, self.cancelled = set(slow), delay, 0
+
+    async def agenerate(self, request):
+        if request.request_id.split("/")[0] in self.slow:
+            try:
+                await asyncio.sleep(self.slow_delay)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return await super().agenerate(request)
+
+
+def test_async_driver_cancels_a_tree_whose_request_runs_past_the_timeout_and_a_rerun_retries_it(proc, tmp_path):
+    samples = _write_data(tmp_path, n=2)
+    out = tmp_path / "out"
+    # s1's first request hangs for 20 s; the timeout is 2 s. Checking only between waves, the tree would end (as a
+    # timeout) after the 20 s request returned; the async driver cancels the request when the tree's time is up.
+    teacher = SlowAsyncTeacher(proc.tokenizer, spatial_policy, slow={"s1"}, delay=20.0)
+    t0 = time.monotonic()
+    summary = search_samples(samples, teacher, proc, _settings(timeout_s=2.0), out, tmp_path, in_flight=2)
+    took = time.monotonic() - t0
+    assert summary["errors"] == {"timeout": 1} and summary["trees"] == 1 and took < 10.0
+    assert teacher.cancelled == 1  # the hung request was cancelled, not left running
+    err = json.loads((out / "errors.jsonl").read_text())
+    assert err["id"] == "s1" and err["error"] == "timeout" and err["timeout_seconds"] == 2.0
+    assert 2.0 <= err["global_search_time"] < 10.0
+    # resumable: a rerun with a healthy server searches s1 only
+    rerun = search_samples(samples, AsyncTeacher(proc.tokenizer, spatial_policy), proc, _settings(timeout_s=60.0),
+                           out, tmp_path, in_flight=2)
+    assert rerun["new_trees"] == 1 and rerun["trees"] == 2 and rerun["errors"] == {}
+
+
 def test_shards_split_the_ids_into_disjoint_parts_and_write_their_own_files(proc, tmp_path):
     ids = [f"id-{i}" for i in range(200)]
     parts = [{i for i in ids if in_shard(i, (k, 3))} for k in range(3)]

@@ -500,7 +500,7 @@ class TreeSearch:
 
     def _next(self, comps: list[Completion] | None) -> Wave:
         try:
-            if comps is not None and self.cfg.timeout_s and time.monotonic() - self.t0 > self.cfg.timeout_s:
+            if comps is not None and (left := self.time_left()) is not None and left < 0:
                 raise SearchTimeout(f"search exceeded {self.cfg.timeout_s:g} s")
             return next(self._gen) if comps is None else self._gen.send(comps)
         except StopIteration:
@@ -514,6 +514,18 @@ class TreeSearch:
                 raise
             self._finish(("exception", f"{type(e).__name__}: {e}"))
         return []
+
+    def time_left(self) -> float | None:
+        """Seconds left before ``timeout_s`` (negative when past it); ``None`` without a timeout."""
+        if not self.cfg.timeout_s:
+            return None
+        return self.cfg.timeout_s - (time.monotonic() - self.t0)
+
+    def abandon_timeout(self) -> None:
+        """Give up a search whose pending wave ran past ``timeout_s`` (the driver cancelled its requests): it ends
+        as a ``timeout`` error, which a rerun retries."""
+        if not self.done:
+            self._finish(("timeout", f"search exceeded {self.cfg.timeout_s:g} s (its requests were cancelled)"))
 
     def _finish(self, error: tuple[str, str] | None = None) -> None:
         self.done, self.error = True, error
@@ -600,7 +612,11 @@ def drive_batched(engine: Any, searches: Iterable[TreeSearch], on_finish: Callab
 
 def drive_async(engine: Any, searches: Iterable[TreeSearch], on_finish: Callable[[TreeSearch], None],
                 in_flight: int = 16, group_n: bool = True, on_wave: Callable[[], None] | None = None) -> None:
-    """Async engines: ``in_flight`` searches run as tasks; a wave's requests go out concurrently; no barrier."""
+    """Async engines: ``in_flight`` searches run as tasks; a wave's requests go out concurrently; no barrier.
+
+    A search with a timeout waits for its wave at most the time it has left: when that runs out, its pending
+    requests are cancelled and it ends as a ``timeout`` error (so one slow request cannot hold a tree far past
+    ``timeout_s``, nor its worker slot)."""
     it = iter(searches)
 
     async def worker() -> None:
@@ -608,7 +624,13 @@ def drive_async(engine: Any, searches: Iterable[TreeSearch], on_finish: Callable
             wave = s.start()
             while wave:
                 reqs, sizes = merge_requests(wave, group_n)
-                results = await asyncio.gather(*(engine.agenerate(r) for r in reqs))
+                calls = asyncio.gather(*(engine.agenerate(r) for r in reqs))
+                left = s.time_left()
+                try:
+                    results = await (calls if left is None else asyncio.wait_for(calls, max(0.0, left)))
+                except asyncio.TimeoutError:
+                    s.abandon_timeout()
+                    break
                 wave = s.advance(split_results(list(results), sizes))
                 if on_wave is not None:
                     on_wave()
