@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter as CountBy
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,9 @@ from vigorl_cli.models import prompts
 from vigorl_cli.models.load import load_processor
 from vigorl_cli.models.tiny import tiny_path
 from vigorl_cli.recipe import load_recipe
-from vigorl_cli.search.api import in_shard, run_mcts, search_samples
+from vigorl_cli.search.api import RunStats, in_shard, run_mcts, search_samples
 from vigorl_cli.search.mcts import (
+    Counters,
     MCTSSettings,
     TreeSearch,
     drive_async,
@@ -524,6 +526,51 @@ def test_async_driver_cancels_a_tree_whose_request_runs_past_the_timeout_and_a_r
     rerun = search_samples(samples, AsyncTeacher(proc.tokenizer, spatial_policy), proc, _settings(timeout_s=60.0),
                            out, tmp_path, in_flight=2)
     assert rerun["new_trees"] == 1 and rerun["trees"] == 2 and rerun["errors"] == {}
+
+
+def test_run_stats_line_numbers_are_hand_computed():
+    st = RunStats(total=10, done=5, correct=3, errors=CountBy({"timeout": 1}), counters=Counters(250, 5000), t0=100.0)
+    # 10 s elapsed: 250 / 10 = 25.0 nodes/s, 5000 / 10 = 500 tok/s; 5 done - 1 error = 4 trees, 3 correct -> 75 %
+    assert st.trees == 4
+    assert st.line(now=110.0) == "25.0 nodes/s · 500 tok/s · root acc 75% · 1 errors"
+    assert RunStats(t0=0.0).line(now=4.0) == "0.0 nodes/s · 0 tok/s · root acc 0%"
+
+
+class FixedTokenTeacher:
+    """Thoughts cost 5 tokens, answers 3; s0 answers right ("above"), every other sample wrong ("below")."""
+
+    name = "fixed"
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            if forced(r):
+                text = "<answer> above </answer>" if r.request_id.startswith("s0/") else "<answer> below </answer>"
+                out.append([Completion([1, 2, 3], text, None, "stop", "eos")] * r.params.n)
+            else:
+                out.append([Completion([1, 2, 3, 4, 5], "<think>\nlook (10, 20)\n</think>", None, "stop", "eos")]
+                           * r.params.n)
+        return out
+
+
+def test_progress_stats_of_a_run_count_trees_steps_tokens_and_root_accuracy(proc, tmp_path):
+    samples = _write_data(tmp_path, n=3, missing=("s1",))
+    seen: list = []
+    st = MCTSSettings(simulations=1, children_per_expand=1, rollouts_per_node=1, rollout_max_steps=1, seed=3,
+                      sampling=SamplingParams(max_new_tokens=8))
+    summary = search_samples(samples, FixedTokenTeacher(), proc, st, tmp_path / "out", tmp_path,
+                             on_progress=lambda s: seen.append((s, s.done, s.correct)))
+    stats = seen[-1][0]
+    # per tree: one expansion step (a 5-token thought) + one forced rollout step (a 3-token answer) = 2 steps, 8 tokens;
+    # s0 and s2 are searched (4 steps, 16 tokens), s1 has no image (an error, not a tree); s0 is right, s2 wrong
+    assert (stats.total, stats.done, stats.trees, stats.correct) == (3, 3, 2, 1)
+    assert dict(stats.errors) == {"image_error": 1}
+    assert (stats.counters.steps, stats.counters.tokens) == (4, 16)
+    # 2 s after start: 4 / 2 = 2.0 nodes/s, 16 / 2 = 8 tok/s, 1 of 2 trees correct = 50 % (the summary's accuracy)
+    assert stats.line(now=stats.t0 + 2.0) == "2.0 nodes/s · 8 tok/s · root acc 50% · 1 errors"
+    assert summary["root_accuracy"] == 0.5 and (summary["steps"], summary["tokens"]) == (4, 16)
+    dones = [d for _, d, _ in seen]  # reported after every wave and every finished sample
+    assert dones == sorted(dones) and dones[-1] == 3 and 1 in dones
 
 
 def test_shards_split_the_ids_into_disjoint_parts_and_write_their_own_files(proc, tmp_path):

@@ -88,9 +88,17 @@ class RunStats:
     counters: Counters = field(default_factory=Counters)
     t0: float = field(default_factory=time.monotonic)
 
-    def line(self) -> str:
-        dt = max(1e-9, time.monotonic() - self.t0)
-        acc = self.correct / self.done if self.done else 0.0
+    @property
+    def trees(self) -> int:
+        """Finished searches that produced a tree (``done`` counts failed samples too)."""
+        return self.done - sum(self.errors.values())
+
+    def line(self, now: float | None = None) -> str:
+        """The progress bar's stats: generated steps and tokens per second since ``t0``, the share of finished trees
+        with a correct rollout (as ``root_accuracy`` in the summary: failed samples are not trees), errors. Trees
+        done/total, elapsed time and the ETA are the bar's own columns (``console.progress``)."""
+        dt = max(1e-9, (time.monotonic() if now is None else now) - self.t0)
+        acc = self.correct / self.trees if self.trees else 0.0
         err = sum(self.errors.values())
         return (f"{self.counters.steps / dt:.1f} nodes/s · {self.counters.tokens / dt:.0f} tok/s · "
                 f"root acc {acc:.0%}" + (f" · {err} errors" if err else ""))
