@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from vigorl_cli.cli.main import app
 from vigorl_cli.data.formats import SFTRecord
-from vigorl_cli.linearize.multiturn import MultiturnSettings, chain_to_dialog, linearizer_frame, rescale_coordinates
+from vigorl_cli.linearize.api import summary_rows
+from vigorl_cli.linearize.multiturn import (
+    MultiturnSettings,
+    chain_to_dialog,
+    linearizer_frame,
+    rescale_coordinates,
+    tree_dialog_chains,
+)
 from vigorl_cli.linearize.single import select_chains, tree_chains
 from vigorl_cli.models import prompts
 from vigorl_cli.search.tree import Rollout, TreeNode, TreeRecord
@@ -256,6 +263,96 @@ def test_multiturn_trees_linearize_directly_into_dialogs(tmp_path):
     crop = Image.open(out / recs[0]["images"][1])
     want = ZoomTool(offset=10, crop_size=28, draw_dot=False).crop(img, (10, 20)).image
     assert ImageChops.difference(crop.convert("RGB"), want).getbbox() is None
+
+
+F_ABOVE = prompts.FORCED_ANSWER_PREFIX + " above </answer>"
+
+
+def _turn(x, y, word="look at"):
+    return f"<think> {word} ({x}, {y}) </think>\n" + _call(x, y)
+
+
+def mt_tree(image: str, tid: str = "m1") -> TreeRecord:
+    """A multi-turn tree (56x56 image, crops 28 px around the point):
+
+    root ─┬─ X = turn (10, 20), value 0.5: rollouts [X, answer] (1), [X, "below"] (0)
+          │    └─ Y = turn (30, 40), value 1.0: rollouts [X, Y, answer] (1), [X, Y', answer] (1) where Y' names the
+          │         same point (30, 40) in other words
+          └─ Z = turn (40, 10), value 0.25: rollout [Z, answer] (1)"""
+    def mro(texts, reward, crop_turns):
+        return Rollout("above" if reward else "below", reward, [Q, *texts], len(texts), len(texts) - 1,
+                       extra={"crops": [{"turn": k, "point": list(p)} for k, p in crop_turns]})
+
+    x, y, y2, z = _turn(10, 20), _turn(30, 40), _turn(30, 40, "again"), _turn(40, 10)
+    root = TreeNode(Q, value=0.6, visit_count=5)
+    nx = root.add_child(TreeNode(x, value=0.5, visit_count=4))
+    nx.rollouts = [mro([x, F_ABOVE], 1.0, [(1, (10, 20))]), mro([x, "<answer> below </answer>"], 0.0, [(1, (10, 20))])]
+    ny = nx.add_child(TreeNode(y, value=1.0, visit_count=2))
+    ny.rollouts = [mro([x, y, F_ABOVE], 1.0, [(1, (10, 20)), (2, (30, 40))]),
+                   mro([x, y2, F_ABOVE], 1.0, [(1, (10, 20)), (2, (30, 40))])]
+    nz = root.add_child(TreeNode(z, value=0.25, visit_count=1))
+    nz.rollouts = [mro([z, F_ABOVE], 1.0, [(1, (40, 10))])]
+    return TreeRecord(Q, image, "above", "S", 1.0, tid, root,
+                      extra={"mode": "multiturn", "preset": "vstar", "frame": Frame.identity(56, 56).to_dict(),
+                             "tool": {"offset": 10, "crop_size": 28, "draw_dot": False}})
+
+
+def test_multiturn_tree_dialogs_go_through_value_selection_and_the_per_tree_cap(tmp_path):
+    rec = mt_tree("/nowhere.png")
+    cands = tree_dialog_chains(rec)
+    # one candidate per correct rollout, pre-order: X, Y, Y', Z; all direct (no corrected dialogs)
+    assert [c.node for c in cands] == ["0", "0.0", "0.0", "1"] and {c.kind for c in cands} == {"direct"}
+    # scores (mean, min) of the node values on the path: X (0.5, 0.5), Y (0.75, 0.5), Z (0.25, 0.25);
+    # coordinate sequences: think and tool call name one point, counted once
+    assert [c.score for c in cands] == [(0.5, 0.5), (0.75, 0.5), (0.75, 0.5), (0.25, 0.25)]
+    assert cands[1].coords == cands[2].coords == ((10, 20), (30, 40))
+    # all: every distinct rollout; value: Y first, Y' dropped (same coordinates as Y), then X, then Z
+    assert [c.node for c in select_chains(cands)] == ["0", "0.0", "0.0", "1"]
+    assert [c.node for c in select_chains(cands, select="value")] == ["0.0", "0", "1"]
+    capped = select_chains(cands, max_chains=2, rng=random.Random(0))
+    assert len(capped) == 2 and all(c in cands for c in capped)
+    # end to end: --select value and linearize.max_chains_per_tree reach multi-turn trees
+    Image.new("RGB", (56, 56), (10, 200, 30)).save(tmp_path / "m.png")
+    (tmp_path / "trees.jsonl").write_text(json.dumps(mt_tree(str(tmp_path / "m.png")).to_dict()) + "\n")
+
+    def dialogs(*extra):
+        out = tmp_path / f"o{len(list(tmp_path.glob('o*')))}"
+        res = CliRunner().invoke(app, ["linearize", str(tmp_path / "trees.jsonl"), "--format", "multiturn",
+                                       "--out", str(out), "--json", *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads((out / "reasoning_chains_train_MULTITURN.json").read_text())
+
+    assert [r["metadata"]["node"] for r in dialogs()] == ["0", "0.0", "0.0", "1"]
+    best = dialogs("--select", "value")
+    assert [r["metadata"]["node"] for r in best] == ["0.0", "0", "1"]
+    # the best dialog: X's turn, its crop, Y's turn, its crop, the forced answer
+    assert [m["content"] for m in best[0]["messages"][2:]] == [
+        _turn(10, 20), prompts.observation_content(False), _turn(30, 40), prompts.observation_content(False), F_ABOVE]
+    assert len(best[0]["images"]) == 3
+    assert len(dialogs("--select", "value", "--set", "linearize.max_chains_per_tree=1")) == 1
+
+
+def test_format_single_on_multiturn_trees_is_an_error_alone_and_a_counted_warning_when_mixed(tmp_path):
+    Image.new("RGB", (56, 56), (10, 200, 30)).save(tmp_path / "m.png")
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text(json.dumps(mt_tree(str(tmp_path / "m.png")).to_dict()) + "\n")
+    # only multi-turn trees: --format single would write nothing -> one-line error
+    res = CliRunner().invoke(app, ["linearize", str(mt), "--format", "single", "--out", str(tmp_path / "a")])
+    assert res.exit_code != 0 and "--format single: all 1 trees were searched with mcts.mode: multiturn" in str(
+        res.exception)
+    # ... and without --format they become dialogs (the recipe's default format would drop them)
+    res = CliRunner().invoke(app, ["linearize", str(mt), "--out", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0 and _json_out(res.stdout)["format"] == "multiturn"
+    assert len(json.loads((tmp_path / "b" / "reasoning_chains_train_MULTITURN.json").read_text())) == 4
+    # mixed with a single-turn tree: the single-turn chains are written, the multi-turn tree is counted as unused
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(mt.read_text() + json.dumps(hand_tree().to_dict()) + "\n")
+    res = CliRunner().invoke(app, ["linearize", str(mixed), "--format", "single", "--out", str(tmp_path / "c"),
+                                   "--json", "--set", "linearize.val_fraction=0"])
+    assert res.exit_code == 0, res.output
+    stats = _json_out(res.stdout)
+    assert stats["multiturn_trees_unused"] == 1 and stats["chains"] == 4 and stats["single_train"] == 4
+    assert ["multi-turn trees not used (--format single; use multiturn or both)", 1] in summary_rows(stats)
 
 
 def test_no_trees_is_a_one_line_error(tmp_path):

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from vigorl_cli.cli.common import JsonOpt, OutOpt, RecipeOpt, SetOpt
-from vigorl_cli.console import console, print_json, table
+from vigorl_cli.console import console, err_console, print_json, table
 
 
 def linearize_command(
     trees: Annotated[list[Path], typer.Argument(help="trees.jsonl files or folders written by `vigorl mcts`")],
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="single | multiturn | both (default: recipe "
-                                                                      "linearize.multiturn → both, else single)")] = None,
+                                                                      "linearize.multiturn → both, else single; "
+                                                                      "multiturn when every tree is multi-turn)")] = None,
     out: OutOpt = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -43,5 +44,8 @@ def linearize_command(
         print_json({**res.stats, "files": res.files})
         return
     console.print(table("linearize", ["", "value"], summary_rows(res.stats)))
+    if res.stats.get("multiturn_trees_unused"):
+        err_console.print(f"[yellow]{res.stats['multiturn_trees_unused']} multi-turn trees (mcts.mode: multiturn) were "
+                          "not used: --format single writes single-turn chains only; use --format both[/yellow]")
     for f in res.files:
         console.print(f"wrote {f}")

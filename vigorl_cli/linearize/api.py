@@ -37,6 +37,7 @@ from vigorl_cli.linearize.multiturn import (
     chain_to_dialog,
     linearizer_frame,
     rescale_coordinates,
+    tree_dialog_chains,
     tree_dialogs,
     tree_frame,
 )
@@ -110,14 +111,19 @@ def run_linearize(r: Recipe, inputs: list[str | Path], out: Path, fmt: str | Non
                   preset: str | None = None, on_tree: Callable[[int, int], None] | None = None) -> LinearizeResult:
     """Linearize the trees in ``inputs`` into ``out`` (``fmt``: single | multiturn | both)."""
     lc = r.linearize
-    fmt = fmt or ("both" if lc.multiturn else "single")
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; use single, multiturn or both")
     select = select or lc.select
     trees, skipped = read_trees(inputs)
     if not trees:
         raise DataError(f"no trees found in {', '.join(map(str, inputs))}",
                         hint="pass the trees.jsonl files (or folders) written by `vigorl mcts`")
+    n_mt = sum(_is_multiturn(t) for t in trees)
+    if fmt is None:  # recipe default; trees that are all multi-turn can only become dialogs
+        fmt = "multiturn" if n_mt == len(trees) else ("both" if lc.multiturn else "single")
+    elif fmt == "single" and n_mt == len(trees):
+        raise DataError(f"--format single: all {n_mt} trees were searched with mcts.mode: multiturn and become "
+                        "multi-turn dialogs only", hint="use --format multiturn (or both)")
     out.mkdir(parents=True, exist_ok=True)
     train_ids = split_train(trees, lc.val_fraction, r.seed)
     count, count_unit = _token_counter(r.model.name)
@@ -135,14 +141,17 @@ def run_linearize(r: Recipe, inputs: list[str | Path], out: Path, fmt: str | Non
         counts["trees"] += 1
         counts["trees_correct"] += rec.tree.value > 0  # reference's printed ratio
         p = _preset(rec, preset, r.prompt.preset)
-        if rec.extra.get("mode") == "multiturn":
+        cap_rng = random.Random(derive_seed(r.seed, "cap", rec.id))
+        if _is_multiturn(rec):
             counts["multiturn_trees"] += 1
             if fmt != "single":
-                _multiturn_tree(rec, i, out, prompts.system_prompt(p, "multiturn"), multi[side], counts,
+                chains = select_chains(tree_dialog_chains(rec), select, lc.max_chains_per_tree,
+                                       lc.max_corrected_per_tree, cap_rng)
+                _multiturn_tree(rec, i, chains, out, prompts.system_prompt(p, "multiturn"), multi[side], counts,
                                 mt_failures)
         else:
             chains = select_chains(tree_chains(rec, lc.backtrack_text, lc.compat), select, lc.max_chains_per_tree,
-                                   lc.max_corrected_per_tree, random.Random(derive_seed(r.seed, "cap", rec.id)))
+                                   lc.max_corrected_per_tree, cap_rng)
             counts["chains"] += len(chains)
             counts["corrected"] += sum(c.kind == "corrected" for c in chains)
             counts["trees_with_chains"] += bool(chains)
@@ -171,6 +180,8 @@ def run_linearize(r: Recipe, inputs: list[str | Path], out: Path, fmt: str | Non
     stats = {
         "trees": counts["trees"], "trees_correct": counts["trees_correct"],
         "trees_skipped": dict(skipped), "multiturn_trees": counts["multiturn_trees"],
+        # --format single cannot use multi-turn trees (mixed inputs; all multi-turn is an error above)
+        "multiturn_trees_unused": counts["multiturn_trees"] if fmt == "single" else 0,
         "chains": n_single, "chains_per_tree": round(n_single / max(1, counts["trees"] - counts["multiturn_trees"]), 3),
         "corrected_share": round(counts["corrected"] / n_single, 4) if n_single else 0.0,
         f"mean_{count_unit}": round(sum(tokens) / len(tokens), 1) if tokens else 0.0, "count_unit": count_unit,
@@ -227,21 +238,28 @@ def _chain_dialogs(rec: TreeRecord, i: int, chains: list[Chain], out: Path, syst
         counts["tool_calls"] += d.n_calls
 
 
-def _multiturn_tree(rec: TreeRecord, i: int, out: Path, system_prompt: str, dest: list[SFTRecord], counts: Counter,
-                    failures: Counter) -> None:
-    """A tree searched with the zoom tool: its correct rollouts are dialogs already."""
+def _is_multiturn(rec: TreeRecord) -> bool:
+    return rec.extra.get("mode") == "multiturn"
+
+
+def _multiturn_tree(rec: TreeRecord, i: int, chains: list[Chain], out: Path, system_prompt: str,
+                    dest: list[SFTRecord], counts: Counter, failures: Counter) -> None:
+    """A tree searched with the zoom tool: its selected correct rollouts (``chains``) are dialogs already."""
+    if not chains:
+        return
     original = _open_image(rec)
     if original is None:
-        failures["missing_image"] += 1
+        failures["missing_image"] += len(chains)
         return
-    dialogs, fails = tree_dialogs(rec, original, system_prompt)
+    dialogs, fails = tree_dialogs(rec, original, system_prompt, chains)
     failures.update(fails)
     full = None
-    for j, d in enumerate(dialogs):
+    for j, (c, d) in enumerate(dialogs):
         full = full or _save(d.images[0], out, f"{i}_full.png")
         paths = [full] + [_save(im, out, f"{i}_{j}_{k}.png") for k, im in enumerate(d.images[1:], start=1)]
         dest.append(SFTRecord(id=f"{i}_{j}", messages=d.messages, images=paths, gt_answer=rec.true_answer,
-                              metadata={"tree_id": rec.id, "kind": "direct", "source": "multiturn_tree"}))
+                              metadata={"tree_id": rec.id, "kind": c.kind, "node": c.node,
+                                        "source": "multiturn_tree"}))
         counts["dialogs"] += 1
         counts["tool_calls"] += d.n_calls
 
@@ -260,6 +278,9 @@ def summary_rows(stats: dict) -> list[list[Any]]:
                  ["multi-turn train / val", f"{stats['multiturn_train']} / {stats['multiturn_val']}"]]
         if stats["dialogs_dropped"]:
             rows.append(["dialogs dropped", ", ".join(f"{k}: {v}" for k, v in stats["dialogs_dropped"].items())])
+    if stats.get("multiturn_trees_unused"):
+        rows.append(["multi-turn trees not used (--format single; use multiturn or both)",
+                     stats["multiturn_trees_unused"]])
     if stats["trees_skipped"]:
         rows.append(["records skipped", ", ".join(f"{k}: {v}" for k, v in stats["trees_skipped"].items())])
     return rows

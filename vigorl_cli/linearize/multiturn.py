@@ -33,11 +33,16 @@ differ by at most one pixel of the resized image.
 
 **From a multi-turn tree** (:func:`tree_dialogs`): every correct rollout already is a dialog (its
 ``ephemeral_texts`` are the assistant turns, its ``crops`` say which turns called the tool); the crops are cut again
-from the image the teacher saw with the tool settings stored in the tree. No coordinate is rewritten.
+from the image the teacher saw with the tool settings stored in the tree. No coordinate is rewritten. The rollouts
+go through the single-turn selection first (:func:`tree_dialog_chains`: dedupe, ``select="value"``, the per-tree
+cap). No corrected dialogs: the wrong and the correct rollout of a node ran separate conversations, and splicing
+them would give a dialog with more crops and turns than the episode allows (``tool.max_images``) whose later turns
+never saw the earlier crops.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -47,6 +52,7 @@ from PIL import Image
 
 from vigorl_cli.agent.parse import extract_answer, find_points
 from vigorl_cli.data.schema import parse_point
+from vigorl_cli.linearize.single import Chain, select_chains
 from vigorl_cli.models import prompts
 from vigorl_cli.search.tree import TreeRecord
 from vigorl_cli.vision.frames import Frame, PointError, resize_image
@@ -163,31 +169,57 @@ def tree_frame(rec: TreeRecord, original_size: tuple[int, int]) -> Frame:
     return Frame.from_dict(f) if f else Frame.identity(*original_size)
 
 
-def tree_dialogs(rec: TreeRecord, original: Image.Image, system_prompt: str) -> tuple[list[Dialog], dict[str, int]]:
-    """Dialogs of a multi-turn tree: one per correct rollout (deduplicated by their turns)."""
+def tree_dialog_chains(rec: TreeRecord) -> list[Chain]:
+    """The candidate dialogs of a multi-turn tree, as :class:`~vigorl_cli.linearize.single.Chain` s so that the
+    single-turn selection (dedupe, ``select="value"``, the per-tree cap) applies unchanged: one ``direct`` chain
+    per correct rollout, in pre-order. ``text`` is the rollout's turns as JSON (the dedupe key: identical turns are
+    one dialog), ``score`` the (mean, min) of the node values on the path to the node that stored the rollout,
+    ``coords`` the coordinates its turns named in order (think text and tool calls, each point once), ``payload``
+    ``(turns, {turn: crop point})``. There are no corrected chains (``docs/mcts.md`` says why)."""
+    out = []
+    for node in rec.tree.iter_nodes():
+        path_values = [n.value for n in node.path()[1:]] or [node.value]
+        score = (sum(path_values) / len(path_values), min(path_values))
+        for ro in node.rollouts:
+            turns = tuple(ro.ephemeral_texts[1:])
+            if ro.reward < 1.0 or not turns:
+                continue
+            crops = {int(c["turn"]): tuple(c["point"]) for c in ro.extra.get("crops") or []}
+            coords: list = []
+            for k, text in enumerate(turns, start=1):
+                coords += [p.xy for p in find_points(text)]
+                if k in crops:
+                    coords.append(crops[k])
+            out.append(Chain(json.dumps(turns), "direct", node.path_id, "\n".join(turns), str(ro.final_answer),
+                             score, tuple(dict.fromkeys(coords)), payload=(turns, crops)))
+    return out
+
+
+def tree_dialogs(rec: TreeRecord, original: Image.Image, system_prompt: str, chains: list[Chain] | None = None
+                 ) -> tuple[list[tuple[Chain, Dialog]], dict[str, int]]:
+    """Dialogs of a multi-turn tree: one per chain of ``chains`` (default: every candidate of
+    :func:`tree_dialog_chains`, deduplicated), its turns as they were searched, each crop cut again from the image
+    the teacher saw with the tree's tool settings. Returns ``(chain, dialog)`` pairs and failures by kind."""
+    if chains is None:
+        chains = select_chains(tree_dialog_chains(rec))
     frame = tree_frame(rec, original.size)
     shown = resize_image(original, frame)
     tool = rec.extra.get("tool") or {}
     zoom = ZoomTool(offset=int(tool.get("offset", 182)), crop_size=int(tool.get("crop_size", 672)),
                     draw_dot=bool(tool.get("draw_dot", False)))
-    out, failures, seen = [], {}, set()
-    for node in rec.tree.iter_nodes():
-        for ro in node.rollouts:
-            turns = tuple(ro.ephemeral_texts[1:])
-            if ro.reward < 1.0 or not turns or turns in seen:
-                continue
-            seen.add(turns)
-            crops = {int(c["turn"]): tuple(c["point"]) for c in ro.extra.get("crops") or []}
-            messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": rec.question}]
-            images = [shown]
-            try:
-                for k, text in enumerate(turns, start=1):
-                    messages.append({"role": "assistant", "content": text})
-                    if k in crops:
-                        images.append(zoom.crop(shown, crops[k], frame).image)
-                        messages.append({"role": "user", "content": prompts.observation_content(zoom.draw_dot)})
-            except PointError as err:
-                failures[err.kind] = failures.get(err.kind, 0) + 1
-                continue
-            out.append(Dialog(messages, images, len(crops)))
+    out, failures = [], {}
+    for ch in chains:
+        turns, crops = ch.payload
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": rec.question}]
+        images = [shown]
+        try:
+            for k, text in enumerate(turns, start=1):
+                messages.append({"role": "assistant", "content": text})
+                if k in crops:
+                    images.append(zoom.crop(shown, crops[k], frame).image)
+                    messages.append({"role": "user", "content": prompts.observation_content(zoom.draw_dot)})
+        except PointError as err:
+            failures[err.kind] = failures.get(err.kind, 0) + 1
+            continue
+        out.append((ch, Dialog(messages, images, len(crops))))
     return out, failures

@@ -35,7 +35,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from vigorl_cli.agent.parse import extract_answer, find_points
 from vigorl_cli.data.formats import SFTRecord
@@ -57,6 +57,7 @@ class Chain:
     answer: str
     score: tuple[float, float] = (0.0, 0.0)
     coords: tuple = field(default=())
+    payload: Any = field(default=None, compare=False)  # multi-turn trees: the rollout's (turns, crops)
 
 
 def strip_tags(text: str) -> str:
