@@ -74,6 +74,32 @@ def test_data_demo_then_validate_ok_and_corruption_fails(tmp_path):
     assert res.exit_code == 1
 
 
+def test_validate_without_root_finds_the_data_root_above_the_file(tmp_path, monkeypatch):
+    """No --root and no env: images are found by searching the folders above the data file, not in ./data."""
+    root = tmp_path / "demo"
+    assert runner.invoke(app, ["data", "demo", "--out", str(root), "--n", "6"]).exit_code == 0
+    monkeypatch.delenv("VIGORL_DATA_ROOT", raising=False)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "data").mkdir(parents=True)  # an unrelated ./data must not be taken for the root
+    monkeypatch.chdir(elsewhere)
+    res = runner.invoke(app, ["data", "validate", str(root / "web_grounding")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "missing_image" not in res.output
+    # the whole smallest demo (every SFT val file included) validates clean too
+    res = runner.invoke(app, ["data", "validate", str(root)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    # an explicit wrong root still reports the missing images
+    res = runner.invoke(app, ["data", "validate", str(root / "web_grounding"), "--root", "data"],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "missing_image" in res.output
+
+
+def test_data_demo_below_the_minimum_is_a_usage_error(tmp_path):
+    res = _sub(["data", "demo", "--out", str(tmp_path / "d"), "--n", "5"])
+    assert res.returncode == 2 and "at least 6" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_data_pull_offline_without_source_is_a_one_line_error(tmp_path):
     res = _sub(["data", "pull", "--subset", "web_action", "--root", str(tmp_path)])
     assert res.returncode == 2 and "--source" in res.stderr and "Traceback" not in res.stderr
