@@ -136,3 +136,21 @@ def test_eval_list_and_a_small_eval_run(tmp_path):
 def test_unknown_benchmark_is_a_one_line_error(cmd):
     res = _sub([*cmd, "--model", "tiny-qwen2.5-vl"])
     assert res.returncode == 2 and "unknown benchmark 'nope'" in res.stderr
+
+
+def test_optional_extras_are_bounded_to_the_tested_releases():
+    """vllm and flash-attn extras admit only the releases known to work with the transformers pin (environment.md)."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = {name: [Requirement(r) for r in reqs] for name, reqs in project["optional-dependencies"].items()}
+    transformers = next(Requirement(r) for r in project["dependencies"] if r.startswith("transformers"))
+    assert transformers.specifier.contains("5.19.0")
+    (vllm,) = extras["vllm"]
+    assert vllm.name == "vllm" and vllm.specifier.contains("0.33.0") and vllm.specifier.contains("0.33.2")
+    assert not vllm.specifier.contains("0.34.0") and not vllm.specifier.contains("0.11.0")
+    (flash,) = extras["flash"]
+    assert flash.name == "flash-attn" and flash.specifier.contains("2.8.3")
+    assert not flash.specifier.contains("3.0.0")
