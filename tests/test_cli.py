@@ -74,6 +74,32 @@ def test_data_demo_then_validate_ok_and_corruption_fails(tmp_path):
     assert res.exit_code == 1
 
 
+def test_validate_without_root_finds_the_data_root_above_the_file(tmp_path, monkeypatch):
+    """No --root and no env: images are found by searching the folders above the data file, not in ./data."""
+    root = tmp_path / "demo"
+    assert runner.invoke(app, ["data", "demo", "--out", str(root), "--n", "6"]).exit_code == 0
+    monkeypatch.delenv("VIGORL_DATA_ROOT", raising=False)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "data").mkdir(parents=True)  # an unrelated ./data must not be taken for the root
+    monkeypatch.chdir(elsewhere)
+    res = runner.invoke(app, ["data", "validate", str(root / "web_grounding")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "missing_image" not in res.output
+    # the whole smallest demo (every SFT val file included) validates clean too
+    res = runner.invoke(app, ["data", "validate", str(root)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    # an explicit wrong root still reports the missing images
+    res = runner.invoke(app, ["data", "validate", str(root / "web_grounding"), "--root", "data"],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "missing_image" in res.output
+
+
+def test_data_demo_below_the_minimum_is_a_usage_error(tmp_path):
+    res = _sub(["data", "demo", "--out", str(tmp_path / "d"), "--n", "5"])
+    assert res.returncode == 2 and "at least 6" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_data_pull_offline_without_source_is_a_one_line_error(tmp_path):
     res = _sub(["data", "pull", "--subset", "web_action", "--root", str(tmp_path)])
     assert res.returncode == 2 and "--source" in res.stderr and "Traceback" not in res.stderr
@@ -110,3 +136,21 @@ def test_eval_list_and_a_small_eval_run(tmp_path):
 def test_unknown_benchmark_is_a_one_line_error(cmd):
     res = _sub([*cmd, "--model", "tiny-qwen2.5-vl"])
     assert res.returncode == 2 and "unknown benchmark 'nope'" in res.stderr
+
+
+def test_optional_extras_are_bounded_to_the_tested_releases():
+    """vllm and flash-attn extras admit only the releases known to work with the transformers pin (environment.md)."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = {name: [Requirement(r) for r in reqs] for name, reqs in project["optional-dependencies"].items()}
+    transformers = next(Requirement(r) for r in project["dependencies"] if r.startswith("transformers"))
+    assert transformers.specifier.contains("5.19.0")
+    (vllm,) = extras["vllm"]
+    assert vllm.name == "vllm" and vllm.specifier.contains("0.33.0") and vllm.specifier.contains("0.33.2")
+    assert not vllm.specifier.contains("0.34.0") and not vllm.specifier.contains("0.11.0")
+    (flash,) = extras["flash"]
+    assert flash.name == "flash-attn" and flash.specifier.contains("2.8.3")
+    assert not flash.specifier.contains("3.0.0")

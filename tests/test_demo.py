@@ -92,29 +92,46 @@ def test_second_call_returns_manifest_without_rewriting(root, manifest):
 
 
 def test_regenerates_when_a_listed_file_is_gone(tmp_path):
-    m = generate_demo(tmp_path, n_per_task=5, seed=3)
+    m = generate_demo(tmp_path, n_per_task=6, seed=3)
     victim = tmp_path / "web_action/vigorl_ical_val_RL.jsonl"
     data = victim.read_bytes()
     victim.unlink()
-    assert generate_demo(tmp_path, n_per_task=5, seed=3) == m
+    assert generate_demo(tmp_path, n_per_task=6, seed=3) == m
     assert victim.read_bytes() == data
 
 
 def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
-    generate_demo(tmp_path, n_per_task=5, seed=0)
+    generate_demo(tmp_path, n_per_task=6, seed=0)
 
     def boom(*a, **k):
         raise RuntimeError("killed")
 
     monkeypatch.setitem(demo._TASKS, "web_action", boom)
     with pytest.raises(RuntimeError):
-        generate_demo(tmp_path, n_per_task=6, seed=0)
+        generate_demo(tmp_path, n_per_task=7, seed=0)
     assert not (tmp_path / MANIFEST_NAME).exists()
 
 
 def test_too_small_n_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="at least"):
-        generate_demo(tmp_path, n_per_task=4)
+    with pytest.raises(ValueError, match="at least 6"):
+        generate_demo(tmp_path, n_per_task=5)
+
+
+def test_smallest_demo_has_non_empty_sft_val_and_validates(tmp_path):
+    """At the minimum size every file holds records: the SFT chains split into a train and a val file."""
+    m = generate_demo(tmp_path, n_per_task=demo.MIN_PER_TASK, seed=0)
+    assert min(m["files"].values()) >= 1, m["files"]
+    for task in ("spatial_reasoning", "web_grounding"):
+        assert m["files"][f"{task}/MCTS_72b_reasoning_chains_val.json"] >= 1
+        assert m["files"][f"{task}/vigorl_{'sat2' if task.startswith('s') else 'osatlas'}_MCTS.jsonl"] == 2
+    report = validate_paths([tmp_path], tmp_path)
+    assert [str(e) for e in report.errors] == [] and report.ok
+
+
+def test_split_counts_honours_minimums():
+    assert demo._split_counts(6, [0.25, 0.35, 0.1, 0.15, 0.15], [2, 1, 1, 1, 1]) == [2, 1, 1, 1, 1]
+    assert demo._split_counts(40, [0.25, 0.35, 0.1, 0.15, 0.15], [2, 1, 1, 1, 1]) == [10, 14, 4, 6, 6]
+    assert sum(demo._split_counts(7, [0.4, 0.45, 0.15])) == 7
 
 
 def test_manifest_lists_every_file_with_its_count(root, manifest):

@@ -151,3 +151,42 @@ def test_two_ranks_match_one_process(parallel, tmp_path, demo_root, one_process_
     assert (out / "checkpoints" / "step-000002" / "state" / state).exists()
     m = AutoModelForImageTextToText.from_pretrained(summary["model_dir"])
     assert m.config.model_type == "qwen2_5_vl"
+
+
+def test_validation_pass_scores_every_rl_val_sample(tmp_path, demo_root):
+    """grpo.val_every: one episode per data.rl_val sample, at steps 2 and 3 (the last), logged as val/*."""
+    from vigorl_cli.data.formats import read_samples
+    from vigorl_cli.train.grpo import train
+
+    val_file = "spatial_reasoning/vigorl_sat2_val_RL.jsonl"
+    val = read_samples(demo_root / val_file).samples
+    assert len(val) >= 3
+    picked = {val[0].id, val[2].id}  # a reward that depends only on which sample it scores: the expected means
+    seen: list[str] = []  # are exact whatever the random tiny policy writes
+
+    def by_id(inp) -> dict:
+        acc = 1.0 if inp.sample.id in picked else 0.0
+        seen.append(inp.sample.id)
+        return {"overall": 0.5 + acc, "accuracy": acc}
+
+    r = _recipe(demo_root, "grpo.steps=3", "grpo.val_every=2", f"data.rl_val=[{val_file}]",
+                "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.responses_per_update=4")
+    s = train(r, out=tmp_path / "g", reward_fn=by_id, log=lambda *_: None)
+    metrics = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val/accuracy" in m] == [2, 3]
+    want = len(picked) / len(val)
+    for m in metrics:
+        if "val/accuracy" in m:
+            assert m["val/n"] == len(val) and m["val/image_failures"] == 0
+            assert m["val/accuracy"] == pytest.approx(want) and m["val/reward"] == pytest.approx(0.5 + want)
+    assert s["val"] == [{"step": 2, "accuracy": round(want, 6), "reward": round(0.5 + want, 6)},
+                        {"step": 3, "accuracy": round(want, 6), "reward": round(0.5 + want, 6)}]
+    val_ids = {v.id for v in val}
+    assert sum(1 for sid in seen if sid in val_ids) >= 2 * len(val)  # both passes scored every val sample
+
+
+def test_validation_needs_rl_val(demo_root):
+    from vigorl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="'grpo.val_every' is set but 'data.rl_val' is empty"):
+        _recipe(demo_root, "grpo.val_every=5")

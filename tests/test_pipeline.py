@@ -42,3 +42,46 @@ def test_run_demo_pipeline_then_resume_and_redo(tmp_path, demo_root):
 def test_unknown_stage_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "demo.yaml"), "--out", str(tmp_path), "--to", "ssft"])
     assert res.exit_code != 0 and "not a stage" in str(res.exception)
+
+
+def _run_with_trees(tmp_path, name, *sets):
+    """A run folder whose data and mcts stages are done (two hand-built trees), and its recipe."""
+    from test_linearize import _image, hand_tree
+
+    from vigorl_cli.recipe import load_recipe
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    _image().save(tmp_path / "img.png")
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text("".join(json.dumps(hand_tree(str(tmp_path / "img.png"), f"t{k}").to_dict()) + "\n"
+                             for k in range(2)))
+    run = tmp_path / name
+    for stage, info in (("data", {}), ("mcts", {"trees": [str(trees)]})):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "stage.json").write_text(json.dumps(info))
+    r = load_recipe(ROOT / "recipes" / "demo.yaml", [
+        f"data.root={tmp_path}", "data.sft_train=[]", "linearize.multiturn=true", "linearize.val_fraction=0.5",
+        "linearize.shuffle_prob=0", "linearize.min_pixels=39200", "linearize.max_pixels=39200", "tool.offset=20",
+        "tool.crop_size=56", "sft.max_steps=1", "sft.micro_batch_size=1", "sft.save_every=1", *sets])
+    return run, r
+
+
+def test_multiturn_pipeline_trains_sft_on_the_zoom_dialogs(tmp_path):
+    """tool.enabled: the sft stage trains on linearize's _MULTITURN dialogs (crops included), not the chains."""
+    from vigorl_cli.data.formats import read_sft
+    from vigorl_cli.pipeline import run_pipeline
+
+    run, r = _run_with_trees(tmp_path, "multi", "tool.enabled=true")
+    info = run_pipeline(r, out=run, start="linearize", stop="sft", log=lambda *_: None)
+    dialogs = run / "linearize" / "reasoning_chains_train_MULTITURN.json"
+    assert info["linearize"]["train"] == [str(dialogs)]
+    assert info["sft"]["data"] == [str(dialogs)]
+    records = read_sft(dialogs)[0]
+    assert all(rec.n_image_slots == len(rec.images) for rec in records)
+    assert any(len(rec.images) >= 2 for rec in records)  # zoom dialogs: the question image plus crops
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert list(manifest["data"]) == [str(dialogs)] and manifest["n_examples"] == len(records)
+    # the same run without the tool trains the single-turn chains
+    run1, r1 = _run_with_trees(tmp_path / "single", "single")
+    info1 = run_pipeline(r1, out=run1, start="linearize", stop="linearize", log=lambda *_: None)
+    assert info1["linearize"]["train"] == [str(run1 / "linearize" / "reasoning_chains_train.json")]

@@ -21,6 +21,7 @@ from vigorl_cli.errors import DataError
 from vigorl_cli.eval import view
 from vigorl_cli.eval.view import card_id, render_view, write_view, write_view_stats
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -315,3 +316,60 @@ def test_module_has_no_heavy_imports():
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
     assert view.THUMB_MAX == 640
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The folders `vigorl run` and `vigorl grpo` write
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_pipeline_eval_folder_label_and_bench_groups(tmp_path, demo_root):
+    """`vigorl run` writes RUN/eval/<label>/<bench>/samples.jsonl; the page has one group per label/bench."""
+    from vigorl_cli.pipeline import STAGES, run_pipeline
+    from vigorl_cli.recipe import load_recipe
+
+    run = tmp_path / "run"
+    earlier = {"sft": {"model": "tiny-qwen2.5-vl"}}  # the stages before eval, as done (eval compares base and sft)
+    for st in STAGES[:STAGES.index("eval")]:
+        (run / st).mkdir(parents=True)
+        (run / st / "stage.json").write_text(json.dumps(earlier.get(st, {})))
+    r = load_recipe(ROOT / "recipes" / "demo.yaml", [f"data.root={demo_root}", "eval.benches=[sat2]",
+                                                      "eval.max_samples=2", "eval.sampling.max_new_tokens=8"])
+    run_pipeline(r, out=run, start="eval", log=lambda *_: None)
+    assert sorted(p.parent.relative_to(run).as_posix() for p in run.rglob("samples.jsonl")) == \
+        ["eval/base/sat2", "eval/sft/sat2"]
+    for src in (run / "eval", run / "eval" / "base"):
+        groups = view.find_groups(src)
+        assert all(g.samples.name == "samples.jsonl" for g in groups)
+    assert [g.name for g in view.find_groups(run / "eval")] == ["base/sat2", "sft/sat2"]
+    assert [g.name for g in view.find_groups(run / "eval" / "base")] == ["sat2"]
+    page, st = render_view(run / "eval")
+    assert st.groups == 2 and st.records == 4 and st.shown == 4 and st.missing_images == 0
+    assert len(_cards(page)) == 4  # the same question under base and sft: two distinct cards
+    assert 'data-bench="base/sat2"' in page and 'data-bench="sft/sat2"' in page
+
+
+def test_grpo_run_folder_shows_rollouts_never_metrics(tmp_path, demo_root):
+    """A GRPO run folder holds metrics.jsonl (not records) and rollouts/step_*.jsonl (records)."""
+    from vigorl_cli.recipe import load_recipe
+    from vigorl_cli.train.grpo import train
+
+    r = load_recipe(None, [f"data.root={demo_root}", "data.rl_train=[spatial_reasoning/vigorl_sat2_train_RL.jsonl]",
+                           "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2",
+                           "grpo.responses_per_update=4", "grpo.micro_batch_size=4", "grpo.sampling.max_new_tokens=8",
+                           "grpo.gradient_checkpointing=false"])
+    out = tmp_path / "g"
+    train(r, out=out, log=lambda *_: None)
+    assert (out / "metrics.jsonl").is_file() and (out / "rollouts" / "step_000001.jsonl").is_file()
+    for src, name in ((out, "rollouts/step_000001"), (out / "rollouts", "step_000001")):
+        groups = view.find_groups(src)
+        assert [g.name for g in groups] == [name]
+        page, st = render_view(src)
+        assert st.records == 4 and st.shown == 4 and st.missing_images == 0 and len(_cards(page)) == 4
+    with pytest.raises(DataError, match="metrics log"):
+        view.find_groups(out / "metrics.jsonl")
+    # a folder with nothing but training metrics (an SFT run) has no records
+    sft_like = tmp_path / "sft"
+    sft_like.mkdir()
+    shutil.copy(out / "metrics.jsonl", sft_like / "metrics.jsonl")
+    with pytest.raises(DataError, match="no records"):
+        view.find_groups(sft_like)

@@ -55,8 +55,8 @@ class DataConfig:
     sft_train: list[str] = F([], "SFT training files (sharegpt json); empty: the linearize output of this run")
     sft_val: list[str] = F([], "SFT validation files")
     rl_train: list[str] = F([], "GRPO training files ({problem, answer, images} jsonl)")
-    rl_val: list[str] = F([], "GRPO validation files")
-    format: Literal["auto", "llava", "rl", "sharegpt", "vigorl"] = F("auto", "record format; auto detects per file")
+    rl_val: list[str] = F([], "GRPO validation files ({problem, answer, images} jsonl), used every grpo.val_every "
+                              "steps")
     max_samples: int | None = F(None, "use at most this many samples per file (after a seeded shuffle)")
 
 
@@ -231,6 +231,9 @@ class GRPOConfig:
     keep_last: int = F(2, "checkpoints kept")
     sampling: SamplingConfig = F(SamplingConfig(temperature=1.0, top_p=0.99, max_new_tokens=1024, n=5),
                                  "rollout sampling (max_new_tokens is per turn)")
+    val_every: int = F(0, "rollout steps between validation passes over data.rl_val (one episode per sample, logged "
+                          "as val/accuracy and val/reward; also after the last step); 0: off")
+    val_temperature: float = F(0.5, "sampling temperature of the validation episodes (reference val: 0.5)")
 
 
 @dataclass
@@ -483,6 +486,10 @@ def check_semantics(r: Recipe) -> list[str]:
         out.append("'grpo.group_size' must be >= 2 (group-normalised advantages need at least two responses)")
     if r.grpo.responses_per_update % r.grpo.micro_batch_size:
         out.append("'grpo.responses_per_update' must be a multiple of 'grpo.micro_batch_size'")
+    if r.grpo.val_every < 0:
+        out.append("'grpo.val_every' must be >= 0 (0: no validation)")
+    if r.grpo.val_every > 0 and not r.data.rl_val:
+        out.append("'grpo.val_every' is set but 'data.rl_val' is empty")
     for name in ("sft", "grpo"):
         sec = getattr(r, name)
         if sec.lr <= 0:

@@ -14,12 +14,21 @@ app = typer.Typer(help="Fetch, generate and validate data.", no_args_is_help=Tru
 
 RootOpt = Annotated[Optional[Path], typer.Option("--root", help="DATA_ROOT (default: $VIGORL_DATA_ROOT, $DATA_ROOT, "
                                                                   "or ./data)")]
+ValidateRootOpt = Annotated[Optional[Path], typer.Option(
+    "--root", help="DATA_ROOT (default: $VIGORL_DATA_ROOT, $DATA_ROOT, or searched: the data file's folder and "
+                   "every folder above it, then the working folder)")]
+
+
+def env_root(root: Path | None) -> Path | None:
+    """``--root``, else ``$VIGORL_DATA_ROOT``, else ``$DATA_ROOT``, else None."""
+    if root is not None:
+        return root
+    env = os.environ.get("VIGORL_DATA_ROOT") or os.environ.get("DATA_ROOT")
+    return Path(env) if env else None
 
 
 def default_root(root: Path | None) -> Path:
-    if root is not None:
-        return root
-    return Path(os.environ.get("VIGORL_DATA_ROOT") or os.environ.get("DATA_ROOT") or "data")
+    return env_root(root) or Path("data")
 
 
 @app.command("pull")
@@ -56,7 +65,7 @@ def pull(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the demo DATA_ROOT into")] = Path("data/demo"),
-    n: Annotated[int, typer.Option("--n", help="samples per task and split")] = 200,
+    n: Annotated[int, typer.Option("--n", help="samples per task (at least 6)")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="generation seed")] = 0,
 ) -> None:
     """Generate the bundled synthetic tasks (visual search, spatial, GUI grounding, web action) in the released
@@ -66,7 +75,10 @@ def demo(
     """
     from vigorl_cli.data.demo import generate_demo
 
-    manifest = generate_demo(out, n_per_task=n, seed=seed)
+    try:
+        manifest = generate_demo(out, n_per_task=n, seed=seed)
+    except ValueError as e:  # n below the minimum: a usage error, not a traceback
+        raise typer.BadParameter(str(e), param_hint="--n") from None
     rows = [[f, c] for f, c in sorted(manifest.get("files", {}).items())]
     console.print(table(f"demo data in {out}", ["file", "records"], rows))
 
@@ -74,18 +86,23 @@ def demo(
 @app.command("validate")
 def validate(
     paths: Annotated[list[Path], typer.Argument(help="data files or folders")],
-    root: RootOpt = None,
+    root: ValidateRootOpt = None,
     max_errors: Annotated[int, typer.Option("--max-errors", help="errors to list")] = 50,
 ) -> None:
     """Check data files: schema, missing or corrupt images, duplicate ids, boxes outside the image.
 
+    Image paths are relative to DATA_ROOT. Without --root (and without $VIGORL_DATA_ROOT / $DATA_ROOT) each image
+    is looked up next to its data file, then in every folder above it, so a file inside a DATA_ROOT finds it.
     Exit status 1 when anything is wrong.
 
-    Example:  vigorl data validate data/demo/web_grounding --root data/demo
+    Examples:
+
+        vigorl data validate data/demo/web_grounding
+        vigorl data validate /data/vigorl/spatial_reasoning/vigorl_sat2_train_RL.jsonl --root /data/vigorl
     """
     from vigorl_cli.data.validate import render_report, validate_paths
 
-    report = validate_paths(paths, default_root(root))
+    report = validate_paths(paths, env_root(root))
     render_report(report, console, max_errors=max_errors)
     if not report.ok:
         raise typer.Exit(1)

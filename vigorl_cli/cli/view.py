@@ -19,8 +19,10 @@ class Only(str, Enum):
 
 
 def view_command(
-    src: Annotated[Path, typer.Argument(metavar="DIR", help="eval output folder (OUT/BENCH/samples.jsonl), one BENCH "
-                                             "folder, a samples.jsonl, or a rollout folder of *.jsonl records")],
+    src: Annotated[Path, typer.Argument(metavar="DIR", help="eval output folder (OUT/BENCH/samples.jsonl or, from "
+                                             "`vigorl run`, RUN/eval with LABEL/BENCH/samples.jsonl), one BENCH "
+                                             "folder, a samples.jsonl, a GRPO run folder (its rollouts/) or a "
+                                             "rollout folder of *.jsonl records")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file to write (default: "
                                                                  "DIR/view.html)")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="DATA_ROOT the records' image paths are "
@@ -39,8 +41,9 @@ def view_command(
 
     Examples:
 
-        vigorl view runs/demo/eval
-        vigorl view runs/demo/eval/demo-grounding --only wrong --limit 50 --out wrong.html
+        vigorl view runs/demo/eval                   # base/sat2, sft/sat2, grpo/sat2, ... from `vigorl run`
+        vigorl view runs/demo/eval/sft/sat2 --only wrong --limit 50 --out wrong.html
+        vigorl view runs/demo/grpo                   # the GRPO rollouts (rollouts/step_*.jsonl)
         vigorl view runs/7b/eval --data-root /data/vigorl --out 7b.html
     """
     from vigorl_cli.eval.view import write_view_stats

@@ -56,7 +56,8 @@ from vigorl_cli.data.schema import IMAGE_TOKEN, Sample, infer_target, infer_task
 
 DEMO_VERSION = 1
 MANIFEST_NAME = "demo_manifest.json"
-MIN_PER_TASK = 5  # spatial and GUI grounding have five files each, and every file gets at least one sample
+MIN_PER_TASK = 6  # spatial and GUI grounding have five sample files each, every one gets at least one sample, and
+# their MCTS file at least two (so the SFT chains split into a non-empty train and a non-empty val file)
 
 # Placeholder until the prompts module lands; a later step swaps in the per-task SFT system prompts (reference §2.1).
 DEMO_SFT_SYSTEM = ("A conversation between User and Assistant. The User asks a question about an image, and the "
@@ -664,19 +665,20 @@ def _web_action_item(rng: random.Random, sid: str, image: str) -> _Item:
 
 # -- assembly ----------------------------------------------------------------------------------------------------
 
-def _split_counts(n: int, fractions: list[float]) -> list[int]:
-    """Largest-remainder split of ``n`` into ``len(fractions)`` parts, each at least 1."""
-    if n < len(fractions):
-        raise ValueError(f"n_per_task must be at least {len(fractions)} (got {n})")
+def _split_counts(n: int, fractions: list[float], mins: list[int] | None = None) -> list[int]:
+    """Largest-remainder split of ``n`` into ``len(fractions)`` parts, part ``i`` at least ``mins[i]`` (default 1)."""
+    mins = mins or [1] * len(fractions)
+    if n < sum(mins):
+        raise ValueError(f"n_per_task must be at least {sum(mins)} (got {n})")
     raw = [n * f / sum(fractions) for f in fractions]
-    counts = [max(1, int(r)) for r in raw]
+    counts = [max(m, int(r)) for m, r in zip(mins, raw)]
     order = sorted(range(len(raw)), key=lambda i: (raw[i] - int(raw[i]), raw[i]), reverse=True)
     k = 0
     while sum(counts) < n:
         counts[order[k % len(order)]] += 1
         k += 1
     while sum(counts) > n:
-        i = max(range(len(counts)), key=lambda j: counts[j])
+        i = max((j for j in range(len(counts)) if counts[j] > mins[j]), key=lambda j: counts[j] - mins[j])
         counts[i] -= 1
     return counts
 
@@ -791,7 +793,7 @@ def _gen_visual_search(out: _Out, rng: random.Random, n: int) -> None:
 
 
 def _gen_spatial(out: _Out, rng: random.Random, n: int) -> None:
-    n_mcts, n_train, n_val, n_test, n_blink = _split_counts(n, [0.25, 0.35, 0.1, 0.15, 0.15])
+    n_mcts, n_train, n_val, n_test, n_blink = _split_counts(n, [0.25, 0.35, 0.1, 0.15, 0.15], [2, 1, 1, 1, 1])
     kinds = ["left_right", "above_below", "depth"]
 
     def sat(prefix: str, folder: str):
@@ -830,7 +832,7 @@ _SIZES = {"desktop": [(640, 400), (600, 400)], "web": [(640, 400), (640, 420)], 
 
 
 def _gen_grounding(out: _Out, rng: random.Random, n: int) -> None:
-    n_mcts, n_train, n_val, n_v2, n_pro = _split_counts(n, [0.25, 0.35, 0.1, 0.15, 0.15])
+    n_mcts, n_train, n_val, n_v2, n_pro = _split_counts(n, [0.25, 0.35, 0.1, 0.15, 0.15], [2, 1, 1, 1, 1])
 
     def atlas(prefix: str):
         def make(k: int) -> _Item:

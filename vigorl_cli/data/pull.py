@@ -10,6 +10,13 @@ Compared with the reference's ``download_data.py`` (which snapshots the whole re
   and moved into place, and a marker ``.vigorl/pulled-<subset>.json`` is written last, so a second run does
   nothing and a killed run never leaves a subset that looks complete but is not;
 * ``--source DIR`` takes a local mirror (the tars, or already unpacked subset folders) for offline machines.
+
+The two crop tars are the parts of one folder. Each part's contents (whatever wrapper folder the tar puts them in:
+``MCTS_VSTAR_20250514_134727_images_{1,2}/``, ``MCTS_VSTAR_20250514_134727_images/`` or
+``visual_search/MCTS_VSTAR_20250514_134727_images/``) are merged into
+``visual_search/MCTS_VSTAR_20250514_134727_images/``, the folder the ``_MULTITURN`` SFT json names (reference §3.1,
+§3.2; the reference's ``download_data.py`` untars each part and moves its contents there). A part that is unpacked
+gets its own marker, so a pull killed after the first 44 GB part does not fetch that part again.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ def _marker(root: Path, subset: str) -> Path:
     return root / ".vigorl" / f"pulled-{subset}.json"
 
 
+def _part_marker(root: Path, tar_name: str) -> Path:
+    return root / ".vigorl" / f"unpacked-{tar_name}.json"
+
+
 def is_pulled(root: str | Path, subset: str) -> bool:
     return _marker(Path(root), subset).is_file()
 
@@ -45,8 +56,25 @@ def _tars_for(subset: str) -> tuple[str, ...]:
     return MCTS_IMAGE_TARS if subset == MCTS_IMAGES else (f"{subset}.tar",)
 
 
-def _extract(tar_path: Path, dest: Path) -> None:
-    """Unpack ``tar_path`` into ``dest`` safely, via a temporary folder on the same filesystem."""
+# wrapper folders a crop-image part may put its files in; their contents go into MCTS_IMAGES_DIR
+_MCTS_WRAPPERS = ("visual_search", Path(MCTS_IMAGES_DIR).name, *(Path(t).stem for t in MCTS_IMAGE_TARS))
+
+
+def _unwrap(folder: Path) -> Path:
+    """The folder holding a crop-image part's files: descend through known wrapper folders that are alone."""
+    while True:
+        items = list(folder.iterdir())
+        if len(items) == 1 and items[0].is_dir() and items[0].name in _MCTS_WRAPPERS:
+            folder = items[0]
+        else:
+            return folder
+
+
+def _extract(tar_path: Path, dest: Path, mcts_part: bool = False) -> None:
+    """Unpack ``tar_path`` into ``dest`` safely, via a temporary folder on the same filesystem.
+
+    ``mcts_part``: ``tar_path`` is one part of the multi-turn V* crops; its files are merged into
+    ``dest/visual_search/MCTS_VSTAR_20250514_134727_images/`` whatever wrapper folder the tar uses."""
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
     try:
         try:
@@ -55,6 +83,11 @@ def _extract(tar_path: Path, dest: Path) -> None:
         except tarfile.TarError as e:  # corrupt, truncated, or a member escaping the destination
             raise DataError(f"cannot unpack {tar_path}: {type(e).__name__}: {e}",
                             hint="delete the file and pull again") from None
+        if mcts_part:
+            target = dest / MCTS_IMAGES_DIR
+            target.mkdir(parents=True, exist_ok=True)
+            _merge_dirs(_unwrap(tmp), target)
+            return
         for item in tmp.iterdir():
             target = dest / item.name
             if target.exists() and target.is_dir() and item.is_dir():
@@ -79,16 +112,28 @@ def _merge_dirs(src: Path, dst: Path) -> None:
 
 
 def _from_source(source: Path, root: Path, subset: str) -> None:
+    mcts = subset == MCTS_IMAGES
     tars = [source / t for t in _tars_for(subset)]
     if all(t.is_file() for t in tars):
         for t in tars:
-            _extract(t, root)
+            if mcts and _part_marker(root, t.name).is_file():
+                continue
+            _extract(t, root, mcts_part=mcts)
+            if mcts:
+                atomic_write_json(_part_marker(root, t.name), {"tar": t.name, "source": str(source)})
         return
-    folder = source / (MCTS_IMAGES_DIR if subset == MCTS_IMAGES else subset)
+    folder = source / (MCTS_IMAGES_DIR if mcts else subset)
     if folder.is_dir():
-        dest = root / (MCTS_IMAGES_DIR if subset == MCTS_IMAGES else subset)
+        dest = root / (MCTS_IMAGES_DIR if mcts else subset)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(folder, dest, dirs_exist_ok=True)
+        return
+    parts = [source / Path(t).stem for t in MCTS_IMAGE_TARS]
+    if mcts and all(p.is_dir() for p in parts):  # the two parts, already unpacked
+        dest = root / MCTS_IMAGES_DIR
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in parts:
+            shutil.copytree(_unwrap(p), dest, dirs_exist_ok=True)
         return
     raise DataError(f"local mirror {source} has neither {', '.join(_tars_for(subset))} nor a {folder.name}/ folder",
                     hint="point --source at a folder holding the released tars (or unpacked subset folders)")
@@ -97,17 +142,22 @@ def _from_source(source: Path, root: Path, subset: str) -> None:
 def _from_hub(root: Path, subset: str, revision: str | None) -> None:
     from huggingface_hub import hf_hub_download
 
+    mcts = subset == MCTS_IMAGES
     for name in _tars_for(subset):
+        if mcts and _part_marker(root, name).is_file():
+            continue  # this part was unpacked by an earlier, interrupted pull
         try:
             path = hf_hub_download(REPO_ID, name, repo_type="dataset", revision=revision,
                                    local_dir=root / ".vigorl" / "downloads")
-        except Exception as e:  # offline, no network, gated: one line, never a traceback
+        except Exception as e:  # noqa: BLE001  # offline, no network, gated: one line, never a traceback
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             reason = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             raise DataError(f"cannot download {name} from the Hugging Face Hub ({reason})",
                             hint="on an offline machine pass --source DIR with a local mirror of "
                                  f"{REPO_ID} (its tars or unpacked folders)") from None
-        _extract(Path(path), root)
+        _extract(Path(path), root, mcts_part=mcts)
+        if mcts:
+            atomic_write_json(_part_marker(root, name), {"tar": name, "source": REPO_ID, "revision": revision})
         Path(path).unlink(missing_ok=True)  # the reference deletes the tar after unpacking too
 
 

@@ -3,8 +3,14 @@
 What it reads (:func:`find_groups`):
 
 * an eval folder ``DIR/<bench>/samples.jsonl`` (+ ``summary.json``), one group per benchmark;
+* a folder of eval folders, as ``vigorl run`` writes them: ``RUN/eval/<label>/<bench>/samples.jsonl`` (label: base,
+  sft, grpo), one group per ``<label>/<bench>``;
 * a single ``<bench>`` folder, or a ``samples.jsonl`` (any ``.jsonl`` of records) given directly;
-* a rollout folder: ``DIR/*.jsonl`` (or ``DIR/<sub>/*.jsonl``), one group per file, records of the same shape.
+* a rollout folder: ``DIR/*.jsonl`` (or ``DIR/<sub>/*.jsonl``, e.g. a GRPO run folder whose records are in
+  ``rollouts/step_000010.jsonl``), one group per file, records of the same shape.
+
+Training metric logs (``metrics.jsonl``) and other JSONL files whose first record is not a sample record (MCTS trees,
+error logs) are never taken for records when a folder is searched.
 
 What it draws, per record (the fields :func:`vigorl_cli.eval.runner.evaluate` writes):
 
@@ -100,10 +106,44 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+NOT_RECORDS = frozenset({"metrics.jsonl"})
+"""File names that are never records (``vigorl sft`` / ``vigorl grpo`` metric logs)."""
+
+_RECORD_KEYS = ("turn_texts", "score", "pred", "reward", "failure")
+
+
+def _looks_like_records(path: Path) -> bool:
+    """Whether the first complete line of ``path`` is a sample record (eval or rollout), judged by its keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    obj = json.loads(line)
+                    return isinstance(obj, dict) and any(k in obj for k in _RECORD_KEYS)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _record_files(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.glob("*.jsonl")) if f.is_file() and f.name not in NOT_RECORDS
+            and f.name != "samples.jsonl" and _looks_like_records(f)]
+
+
+def _eval_group(folder: Path, name: str) -> Group:
+    return Group(name, folder / "samples.jsonl", _read_json(folder / "summary.json"))
+
+
 def find_groups(path: str | Path) -> list[Group]:
-    """The record files under ``path`` (see the module docstring for the accepted layouts)."""
+    """The record files under ``path`` (see the module docstring for the accepted layouts).
+
+    Eval groups are found up to two levels down (``<bench>/`` and ``<label>/<bench>/``) and named by their path under
+    ``path``; rollout files are searched one level down only when ``path`` holds neither eval groups nor records."""
     p = Path(path)
     if p.is_file():
+        if p.name in NOT_RECORDS:
+            raise DataError(f"{p} is a training metrics log, not sample records",
+                            hint="give the run's rollouts/ folder (or the run folder) instead")
         if p.name == "samples.jsonl":
             return [Group(p.parent.name or "samples", p, _read_json(p.parent / "summary.json"))]
         return [Group(p.stem, p, None)]
@@ -111,16 +151,23 @@ def find_groups(path: str | Path) -> list[Group]:
         raise DataError(f"not found: {p}", hint="give an eval output folder (OUT/<bench>/samples.jsonl), one "
                                                 "<bench> folder, or a samples.jsonl")
     if (p / "samples.jsonl").is_file():
-        return [Group(p.name, p / "samples.jsonl", _read_json(p / "summary.json"))]
-    groups = [Group(sub.name, sub / "samples.jsonl", _read_json(sub / "summary.json"))
-              for sub in sorted(p.iterdir()) if sub.is_dir() and (sub / "samples.jsonl").is_file()]
-    groups += [Group(f.stem, f, None) for f in sorted(p.glob("*.jsonl")) if f.is_file()]
-    if not groups:  # rollout layouts one level deeper, e.g. DIR/rollouts/step_000010.jsonl
-        groups = [Group(f"{sub.name}/{f.stem}", f, None) for sub in sorted(p.iterdir()) if sub.is_dir()
-                  for f in sorted(sub.glob("*.jsonl")) if f.is_file()]
+        return [_eval_group(p, p.name)]
+    subs = [d for d in sorted(p.iterdir()) if d.is_dir()]
+    groups: list[Group] = []
+    for sub in subs:
+        if (sub / "samples.jsonl").is_file():
+            groups.append(_eval_group(sub, sub.name))
+        else:  # RUN/eval/<label>/<bench>/samples.jsonl
+            groups += [_eval_group(b, f"{sub.name}/{b.name}") for b in sorted(sub.iterdir())
+                       if b.is_dir() and (b / "samples.jsonl").is_file()]
+    groups += [Group(f.stem, f, None) for f in _record_files(p)]
+    if not groups:  # rollout layouts one level deeper, e.g. GRPO_OUT/rollouts/step_000010.jsonl
+        groups = [Group(f"{sub.name}/{f.stem}", f, None) for sub in subs for f in _record_files(sub)]
     if not groups:
-        raise DataError(f"no records under {p}: expected <bench>/samples.jsonl or *.jsonl",
-                        hint="point `vigorl view` at the folder given to `vigorl eval --out`")
+        raise DataError(f"no records under {p}: expected <bench>/samples.jsonl, <label>/<bench>/samples.jsonl or "
+                        "*.jsonl records (metrics.jsonl is not one)",
+                        hint="point `vigorl view` at the folder given to `vigorl eval --out`, a `vigorl run` folder's "
+                             "eval/, or a GRPO run folder (its rollouts/)")
     return groups
 
 
@@ -227,7 +274,8 @@ def _default_roots(path: Path, groups: list[Group]) -> list[Path]:
     for s in summaries:
         if s and isinstance(s.get("data_root"), str):
             roots.append(Path(s["data_root"]))
-    if any(g.name.startswith("demo-") or str((g.summary or {}).get("bench", "")).startswith("demo-") for g in groups):
+    if any(g.name.rsplit("/", 1)[-1].startswith("demo-") or str((g.summary or {}).get("bench", "")).startswith("demo-")
+           for g in groups):
         roots.append(Path(os.environ.get("VIGORL_DEMO_ROOT", "data/demo")))
     roots += [base, base.parent, Path.cwd()]
     return list(dict.fromkeys(roots))

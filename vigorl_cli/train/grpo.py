@@ -29,6 +29,7 @@ metrics and rollouts are gathered to rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -191,6 +192,12 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         if not samples:
             raise DataError(f"no usable samples in {', '.join(map(str, files))}")
         roots = [recipe.data_root(), *{f.parent for f in files}]
+        val_files = [recipe.data_root() / f for f in recipe.data.rl_val] if g.val_every > 0 else []
+        val_samples = load_rl_samples(val_files, recipe.data.max_samples, recipe.seed, say) if val_files else []
+        if val_files and not val_samples:
+            raise DataError(f"no usable validation samples in {', '.join(map(str, val_files))}",
+                            hint="fix data.rl_val or set grpo.val_every=0")
+        val_roots = [recipe.data_root(), *{f.parent for f in val_files}]
         run = wrap(LogProbModel(hf), dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
                                                        max_grad_norm=g.max_grad_norm, bf16=bf16))
         collate = Collator(processor, hf.config, rope_index_of(hf), packing=False, fake_image_if_empty=synced)
@@ -229,6 +236,65 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             if multi else None, max_turns=recipe.tool.max_turns, max_images=recipe.tool.max_images,
             max_response_tokens=g.max_response_len)
         image_token_id = hf.config.image_token_id
+        val_cfg = dataclasses.replace(ep_cfg, sampling=SamplingParams.from_config(
+            g.sampling, n=1, temperature=g.val_temperature))
+        image_cache: dict[str, tuple] = {}
+
+        def load_image(s, where: list[Path]):
+            """``(original, frame, shown)`` of the sample's image (cached), or None when it cannot be loaded."""
+            key = f"{id(where)}:{s.id}"
+            try:
+                if key not in image_cache:
+                    path = s.image_paths(where[0])[0]
+                    if not path.exists():
+                        path = next((Path(r) / s.images[0] for r in where if (Path(r) / s.images[0]).exists()),
+                                    path)
+                    image_cache[key] = load_for_model(path, processor)
+                return image_cache[key]
+            except (OSError, ValueError, IndexError):
+                return None
+
+        def score(ep) -> dict[str, float]:
+            gt = None
+            s = ep.sample
+            if s.target is not None and (s.target.box is not None or s.target.point is not None):
+                f = ep.images[0].frame  # judges compare in the frame the model saw
+                gt = Target(box=f.box_from_original(s.target.box, exact=True), frame="shown") \
+                    if s.target.box is not None else \
+                    Target(point=f.from_original(s.target.point, exact=True, check=False), frame="shown")
+            inp = RewardInput(response=ep.turn_texts if multi else (ep.turn_texts[-1] if ep.turn_texts else ""),
+                              sample=s, gt=gt, tool_points=[tuple(c["point"]) for c in ep.crops],
+                              image_size=ep.images[0].image.size)
+            r = reward(inp)
+            return r if isinstance(r, dict) else {"overall": float(r)}
+
+        def validate(step_no: int) -> dict[str, float]:
+            """One episode per data.rl_val sample with the current policy: mean reward and accuracy (all ranks)."""
+            eps, failed = [], 0
+            for i, s in enumerate(val_samples):
+                if i % dist.world_size != dist.rank:
+                    continue
+                loaded = load_image(s, val_roots)
+                if loaded is None:
+                    failed += 1
+                    continue
+                original, frame, shown = loaded
+                eps.append(Episode(s, shown, frame, system, processor, val_cfg,
+                                   seed=derive_seed(recipe.seed, "grpo-val", step_no), draw=0, original=original))
+            run.eval()
+            with torch.no_grad():
+                if synced:
+                    run_episodes_synced(engine, eps, dist)
+                else:
+                    run_episodes(engine, eps)
+            vparts = [score(ep) for ep in eps]
+            sums = [sum(p["overall"] for p in vparts), sum(p.get("accuracy", p["overall"]) for p in vparts),
+                    float(len(eps)), float(failed)]
+            if synced:
+                sums = dist.all_reduce_sum(sums)
+            n = max(1.0, sums[2])
+            return {"val/reward": sums[0] / n, "val/accuracy": sums[1] / n, "val/n": int(sums[2]),
+                    "val/image_failures": int(sums[3])}
 
         # ---- resume ----------------------------------------------------------------------------------------
         start, history = 0, []
@@ -251,7 +317,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             prog.start()
             task = prog.add_task("grpo", total=g.steps, completed=start, stats="")
         last_ckpt = latest if start >= g.steps else None
-        image_cache: dict[str, tuple] = {}
+        val_history: list[dict] = []
         t_run = time.perf_counter()
 
         for step in range(start, g.steps):
@@ -265,17 +331,11 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 if gi % dist.world_size != dist.rank:  # whole prompts (groups) per rank, interleaved
                     continue
                 s = samples[i]
-                try:
-                    if s.id not in image_cache:
-                        path = s.image_paths(roots[0])[0]
-                        if not path.exists():
-                            path = next((Path(r) / s.images[0] for r in roots if (Path(r) / s.images[0]).exists()),
-                                        path)
-                        image_cache[s.id] = load_for_model(path, processor)
-                    original, frame, shown = image_cache[s.id]
-                except (OSError, ValueError, IndexError):
+                loaded = load_image(s, roots)
+                if loaded is None:
                     image_failures += 1
                     continue
+                original, frame, shown = loaded
                 for k in range(g.group_size):
                     episodes.append(Episode(s, shown, frame, system, processor, ep_cfg,
                                             seed=derive_seed(recipe.seed, "grpo", step), draw=k, original=original))
@@ -292,20 +352,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
 
             # ---- 2. score ---------------------------------------------------------------------------------
             t0 = time.perf_counter()
-            parts = []
-            for ep in episodes:
-                gt = None
-                s = ep.sample
-                if s.target is not None and (s.target.box is not None or s.target.point is not None):
-                    f = ep.images[0].frame  # judges compare in the frame the model saw
-                    gt = Target(box=f.box_from_original(s.target.box, exact=True), frame="shown") \
-                        if s.target.box is not None else \
-                        Target(point=f.from_original(s.target.point, exact=True, check=False), frame="shown")
-                inp = RewardInput(response=ep.turn_texts if multi else (ep.turn_texts[-1] if ep.turn_texts else ""),
-                                  sample=s, gt=gt, tool_points=[tuple(c["point"]) for c in ep.crops],
-                                  image_size=ep.images[0].image.size)
-                r = reward(inp)
-                parts.append(r if isinstance(r, dict) else {"overall": float(r)})
+            parts = [score(ep) for ep in episodes]
             rewards = torch.tensor([p["overall"] for p in parts], dtype=torch.float32)
             truncated = torch.tensor([(not ep.ends_with_eos) or ep.finish == "budget" for ep in episodes])
             if g.truncated == "penalize":
@@ -442,6 +489,12 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 m["world_size"] = dist.world_size
             fails = Counter(f for x in infos for f in x["failures"])
             m.update({f"failure/{k}": v / len(infos) for k, v in fails.items()})
+            if val_samples and ((step + 1) % g.val_every == 0 or step + 1 == g.steps):
+                t0 = time.perf_counter()
+                m.update(validate(step + 1))
+                m["val_s"] = time.perf_counter() - t0
+                val_history.append({"step": step + 1, "accuracy": round(m["val/accuracy"], 6),
+                                    "reward": round(m["val/reward"], 6)})
             history.append(round(m["reward"], 6))
             logger.log(m, step=step + 1)
             if dist.is_main:
@@ -461,6 +514,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         logger.close()
         summary: dict[str, Any] = {"steps": g.steps, "resumed_from": start if latest else None, "rewards": history,
                                    "final_reward": history[-1] if history else None}
+        if val_samples:
+            summary["val"] = val_history  # this process's passes (a resumed run: those after the resume)
         if dist.is_main:  # other ranks return no model_dir (the CLI prints nothing for them)
             if last_ckpt is None:
                 last_ckpt = latest_checkpoint(ckpt_root)
