@@ -425,6 +425,29 @@ def test_there_is_an_eval_recipe_for_each_published_rl_checkpoint():
             "gsarch/ViGoRL-7b-Web-Action", "gsarch/ViGoRL-3b-Web-Action"} <= models
 
 
+def test_there_is_an_eval_recipe_for_each_published_sft_checkpoint():
+    """Reference §4: the released MCTS-SFT checkpoints, each evaluated as its SFT stage trained it."""
+    from vigorl_cli.recipe import load_recipe
+
+    by_model = {load_recipe(p).model.name: load_recipe(p) for p in EVAL_RECIPES}
+    sft = {"gsarch/ViGoRL-MCTS-SFT-3b-Spatial", "gsarch/ViGoRL-MCTS-SFT-7b-Spatial",
+           "gsarch/ViGoRL-MCTS-SFT-3b-Web-Grounding", "gsarch/ViGoRL-MCTS-SFT-7b-Web-Grounding",
+           "gsarch/ViGoRL-Multiturn-MCTS-SFT-3b-Visual-Search", "gsarch/ViGoRL-Multiturn-MCTS-SFT-7b-Visual-Search",
+           "gsarch/ViGoRL-Multiturn-MCTS-SFT-3b-Web-Grounding"}
+    assert sft <= set(by_model)
+    for name in sft:
+        r = by_model[name]
+        assert r.prompt.literal_newlines is False  # SFT data: real newlines (reference §2.1, §2.2)
+        assert (r.model.min_pixels, r.model.max_pixels) == (3136, 4_194_304)  # LLaMA-Factory image limits (§4)
+        if "Multiturn" in name:  # multi-turn SFT data (§2.2): SFT observation text, full image <= 2.85 MP
+            assert r.eval.mode == "multi" and r.tool.observation_style == "sft"
+            assert all(get_benchmark(b).max_pixels == 2_850_000 for b in r.eval.benches)
+            web = "Web-Grounding" in name
+            assert (r.tool.offset, r.tool.crop_size, r.tool.draw_dot) == ((100, 512, True) if web else (182, 672, False))
+        else:
+            assert r.eval.mode == "auto" and all(get_benchmark(b).mode == "single" for b in r.eval.benches)
+
+
 @pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: p.stem)
 def test_eval_recipes_load_and_name_what_they_reproduce(path):
     from vigorl_cli.recipe import load_recipe
@@ -438,7 +461,8 @@ def test_eval_recipes_load_and_name_what_they_reproduce(path):
     for name in r.eval.benches:
         b = get_benchmark(name)
         assert b.preset == r.prompt.preset or name.startswith("robospatial"), name
-    assert r.prompt.literal_newlines is True  # as the RL checkpoints were trained (reference §5.3)
+    # as each checkpoint was trained: RL with literal backslash-n (reference §5.3), SFT with real newlines
+    assert r.prompt.literal_newlines is ("SFT" not in r.model.name)
     assert r.eval.sampling.temperature == 0.5 and r.eval.sampling.max_new_tokens == 2048
     if r.eval.mode == "multi" or any(get_benchmark(n).mode == "multi" for n in r.eval.benches):
         assert r.tool.max_turns == 5 and r.tool.max_images == 5 and r.eval.sampling.top_p == 0.99

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -143,3 +144,74 @@ def test_seeded_episodes_are_repeatable(tiny_bundle):
     run_episodes(eng, [a])
     run_episodes(eng, [b, _episode(tiny_bundle)])  # in a different batch
     assert a.prompt_ids == b.prompt_ids
+
+
+# -- observation text: exactly the reference's, per style ---------------------------------------------------------
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+# reference §5.5 (GRPO rollout, what the released RL checkpoints were trained with), literal from the rollout code
+REF_RL = ("\n<|im_start|>user\n<observation>\nHere is the crop of the image centered on the coordinate{dot}:\n"
+          "<|vision_start|><|image_pad|><|vision_end|></observation><|im_end|>\n<|im_start|>assistant\n")
+# reference §2.2 (multi-turn SFT data: "...:\n<image>\n</observation>", qwen2_vl template puts the vision tokens there)
+REF_SFT = ("\n<|im_start|>user\n<observation>\nHere is the crop of the image centered on the coordinate{dot}:\n"
+           "<|vision_start|><|image_pad|><|vision_end|>\n</observation><|im_end|>\n<|im_start|>assistant\n")
+DOT = ", with a red dot at the coordinate location"
+
+
+def _observed(bundle, style, draw_dot):
+    img = Image.new("RGB", (224, 168), (240, 240, 240))
+    cfg = EpisodeConfig(sampling=SamplingParams(max_new_tokens=64), multiturn=True, observation_style=style,
+                        zoom=ZoomTool(offset=40, crop_size=56, draw_dot=draw_dot))
+    ep = Episode(_sample(), img, Frame.identity(224, 168), prompts.system_prompt("vstar", "multiturn"),
+                 bundle.processor, cfg, seed=1)
+    run_episodes(ScriptedEngine(bundle.tokenizer, [_call(10, 20), "<think> red </think>\n<answer> red </answer>"]),
+                 [ep])
+    (obs,) = [s for s in ep.segments if s.kind == "observation"]
+    return ep, obs
+
+
+def test_observation_text_is_the_reference_string_for_each_style(tiny_bundle):
+    tok = tiny_bundle.tokenizer
+    assert EpisodeConfig().observation_style == "rl"  # the released RL checkpoints' text by default
+    for draw_dot in (False, True):
+        dot = DOT if draw_dot else ""
+        for style, ref in (("rl", REF_RL.format(dot=dot)), ("sft", REF_SFT.format(dot=dot))):
+            _, obs = _observed(tiny_bundle, style, draw_dot)
+            assert obs.text == ref, (style, draw_dot)
+            assert obs.ids == tok(ref, add_special_tokens=False)["input_ids"]  # tokenized once, as the text
+    # reference §6.4 (eval wrapper): the observation is a chat message [text, image, text] that never mentions the
+    # dot; the whole conversation must be what the chat template renders for the reference's messages
+    for draw_dot in (False, True):
+        ep, obs = _observed(tiny_bundle, "eval", draw_dot)
+        ref_msgs = [{"role": "system", "content": prompts.system_prompt("vstar", "multiturn")},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _sample().prompt_text()}]},
+                    {"role": "assistant", "content": _call(10, 20)},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "<observation>\nHere is the crop of the image centered on the coordinate:"},
+                        {"type": "image"}, {"type": "text", "text": "\n</observation>"}]}]
+        rendered = tiny_bundle.processor.apply_chat_template(ref_msgs, tokenize=False, add_generation_prompt=True)
+        upto = "".join(s.text for s in ep.segments[:ep.segments.index(obs) + 1])
+        assert upto == rendered
+        assert obs.text == ("\n<|im_start|>user\n<observation>\nHere is the crop of the image centered on the "
+                            f"coordinate:{VISION}\n</observation><|im_end|>\n<|im_start|>assistant\n")
+    bad = EpisodeConfig(multiturn=True, observation_style="chat",
+                        zoom=ZoomTool(offset=40, crop_size=56, draw_dot=False))
+    ep = Episode(_sample(), Image.new("RGB", (224, 168)), Frame.identity(224, 168), None, tiny_bundle.processor, bad)
+    with pytest.raises(ValueError, match="observation_style"):
+        run_episodes(ScriptedEngine(tiny_bundle.tokenizer, [_call(10, 20)]), [ep])
+
+
+def test_recipe_observation_style_reaches_eval_grpo_and_mcts():
+    from vigorl_cli.eval.benchmarks import get_benchmark
+    from vigorl_cli.eval.runner import EvalSettings, episode_config
+    from vigorl_cli.recipe import load_recipe
+    from vigorl_cli.search.mcts import MCTSSettings
+    from vigorl_cli.train.grpo import rollout_episode_config
+
+    b = get_benchmark("demo-vsearch")
+    for style, eval_style, compat_style in (("auto", "rl", "eval"), ("sft", "sft", "sft"), ("eval", "eval", "eval")):
+        r = load_recipe(None, [f"tool.observation_style={style}"])
+        assert rollout_episode_config(r, True).observation_style == eval_style
+        assert MCTSSettings.from_recipe(r).observation_style == eval_style
+        for compat, want in ((False, eval_style), (True, compat_style)):
+            st = EvalSettings(data_root=".", out_dir=".", compat=compat, observation_style=r.tool.observation_style)
+            assert episode_config(b, st, True).observation_style == want

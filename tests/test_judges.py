@@ -219,7 +219,27 @@ def test_point_match_float_only_outside_compat():
     ("type [5] [stop sign]", "type [5] [hello]", 0.0),  # dispatch by substring: "stop" branch first
     ("CLICK [12]", "click [12]", 0.0),            # case-sensitive
 ])
-def test_web_action_rl_scorer_is_default(pred, gt, expected):
+def test_web_action_rl_scorer_is_the_reference_one(pred, gt, expected):
+    assert web_action(pred, gt, scorer="rl").score == expected
+
+
+@pytest.mark.parametrize("pred, gt, expected", [
+    ("click [12]", "click [12]", 1.0),             # 0.5 verb + 0.5 id
+    ("click [12]", "click [13]", 0.5),             # verb only
+    ("click [1]", "type [1] [click me]", 0.0),     # verbs differ (RL: 0.5, "click" is in the typed text; eval: 1)
+    ("click [12]", "type [12] [hi]", 0.0),         # the id only counts with the same verb (RL: 0.5)
+    ("type [5] [hello]", "type [5] [world]", 0.5),  # type: id and text both compared (RL: 1.0)
+    ("type [5] [Hello  World]", "type [5] [hello world] [1]", 1.0),  # case/space folded; press_enter not compared
+    ("type [5] [stop sign]", "type [5] [stop sign]", 1.0),  # the verb is parsed, not found by substring (RL: 0)
+    ("scroll [up]", "scroll [down]", 0.5),         # same verb, other direction (RL: 0, eval: 1)
+    ("scroll [direction=down]", "scroll [down]", 1.0),
+    ("hover [3]", "click [3]", 0.0),
+    ("stop [42]", "stop [7]", 0.5),                # the answer is the argument (RL: 1.0)
+    ("go_back", "go_back", 1.0),
+    ("CLICK [12]", "click [12]", 1.0),             # verbs are case-insensitive (RL: 0)
+    ("Action: ```click [12]```", "click [12]", 1.0),
+])
+def test_web_action_default_compares_parsed_verbs_and_arguments(pred, gt, expected):
     assert web_action(pred, gt).score == expected
 
 
@@ -237,8 +257,11 @@ def test_web_action_compat_is_the_substring_eval_judge(pred, gt, expected):
 
 
 def test_web_action_failures():
-    assert web_action("hover [3]", "click [3]").failure == FK.UNKNOWN_ACTION
+    assert web_action("hover [3]", "click [3]", scorer="rl").failure == FK.UNKNOWN_ACTION
+    assert web_action("click here", "click [3]", scorer="rl").failure == FK.BAD_ACTION
+    assert web_action("wait a bit", "click [3]").failure == FK.UNKNOWN_ACTION
     assert web_action("click here", "click [3]").failure == FK.BAD_ACTION
+    assert web_action("click [3]", "press the button").failure == FK.BAD_GROUND_TRUTH
     assert web_action("click  [3]", "click [3]", compat=True).failure == FK.BAD_ACTION
 
 

@@ -206,6 +206,26 @@ def test_two_endpoints_share_the_load(start):
     assert all(e["successes"] > 0 and e["in_flight"] == 0 for e in stats["endpoints"])
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_concurrency_limit_caps_requests_in_flight(start, k):
+    """The server holds every request 0.25 s and records its peak of concurrent requests: with ``concurrency=k``
+    the peak reaches k (enough requests are queued) and never exceeds it."""
+    srv = start(delay_s=0.25)
+    reqs = [request([img((i, 5, 5))], seed=i, max_new=2) for i in range(3 * k + 2)]
+
+    async def go():
+        eng = OpenAIEngine([srv.url], MODEL, concurrency=k, **FAST)
+        try:
+            return await asyncio.gather(*(eng.agenerate(r) for r in reqs))
+        finally:
+            await eng.aclose()
+
+    outs = asyncio.run(go())
+    assert all(ok(o[0]) for o in outs)
+    assert srv.stats["max_in_flight"] == k and srv.stats["in_flight"] == 0
+    assert srv.stats["served"] == len(reqs)
+
+
 def test_retries_succeed_after_injected_503s(start):
     srv = start(fail_first=2)
     with OpenAIEngine([srv.url], MODEL, max_retries=3, **FAST) as eng:

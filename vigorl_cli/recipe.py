@@ -69,14 +69,48 @@ class PromptConfig:
                                       "as the reference's jinja files do (reference §5.3)")
 
 
+# What an unset (None) zoom-tool key means outside eval (grpo, mcts, linearize): the reference's V* settings.
+# In eval an unset key means "the benchmark's own setting" (its zoom preset and turn limit).
+TOOL_DEFAULTS: dict[str, Any] = {"offset": 182, "crop_size": 672, "draw_dot": False, "max_turns": 5,
+                                 "max_images": 5}
+OBSERVATION_STYLES = ("auto", "rl", "sft", "eval")
+
+
 @dataclass
 class ToolConfig:
     enabled: bool = F(False, "multi-turn: the model may call the zoom tool (search_coordinate)")
-    offset: int = F(182, "half-width of the crop window in pixels of the image the model sees (V*: 182, web grounding: 100 / RL 50)")
-    crop_size: int = F(672, "crop is resized to this side, rounded to a multiple of 28 (672, 512→504, 384→392)")
-    draw_dot: bool = F(False, "draw a red dot (r=7, white outline) at the requested point")
-    max_turns: int = F(5, "maximum assistant turns per episode (tool calls + final answer)")
-    max_images: int = F(5, "maximum images per episode (the question image + crops)")
+    offset: int | None = F(None, "half-width of the crop window in pixels of the image the model sees (V*: 182, web "
+                                 "grounding: 100 / RL 50); null: the benchmark's zoom preset in eval, 182 elsewhere")
+    crop_size: int | None = F(None, "crop is resized to this side, rounded to a multiple of 28 (672, 512→504, "
+                                    "384→392); null: the benchmark's zoom preset in eval, 672 elsewhere")
+    draw_dot: bool | None = F(None, "draw a red dot (r=7, white outline) at the requested point; null: the "
+                                    "benchmark's zoom preset in eval, false elsewhere")
+    max_turns: int | None = F(None, "maximum assistant turns per episode (tool calls + final answer); null: the "
+                                    "benchmark's limit in eval, 5 elsewhere")
+    max_images: int | None = F(None, "maximum images per episode (the question image + crops); null: the "
+                                     "benchmark's limit in eval (5), 5 elsewhere")
+    observation_style: Literal["auto", "rl", "sft", "eval"] = F(
+        "auto", "text of the observation turn: rl (reference GRPO rollout, what the released RL checkpoints were "
+                "trained with), sft (the multi-turn SFT data), eval (the reference eval wrapper); auto: rl, except "
+                "that `vigorl eval --compat` uses eval")
+
+    def value(self, key: str) -> Any:
+        """The setting ``key``, with an unset (None) one replaced by :data:`TOOL_DEFAULTS` (grpo, mcts, linearize)."""
+        v = getattr(self, key)
+        return TOOL_DEFAULTS[key] if v is None else v
+
+    def zoom(self) -> Any:
+        """The :class:`~vigorl_cli.vision.zoom.ZoomTool` these settings describe (unset keys: :data:`TOOL_DEFAULTS`)."""
+        from vigorl_cli.vision.zoom import ZoomTool
+
+        return ZoomTool(offset=self.value("offset"), crop_size=self.value("crop_size"),
+                        draw_dot=self.value("draw_dot"))
+
+    def style(self, compat_eval: bool = False) -> str:
+        """The observation style to use: ``auto`` → ``rl``, or ``eval`` for reference-compatible evaluation."""
+        if self.observation_style != "auto":
+            return self.observation_style
+        return "eval" if compat_eval else "rl"
 
 
 @dataclass
@@ -498,8 +532,12 @@ def check_semantics(r: Recipe) -> list[str]:
             out.append(f"'{name}.warmup_ratio' must be in [0, 1)")
     if not 0 <= r.linearize.val_fraction < 1:
         out.append("'linearize.val_fraction' must be in [0, 1)")
-    if r.tool.crop_size < 28:
+    if r.tool.crop_size is not None and r.tool.crop_size < 28:
         out.append("'tool.crop_size' must be >= 28")
+    for key in ("offset", "max_turns", "max_images"):
+        v = getattr(r.tool, key)
+        if v is not None and v < (0 if key == "offset" else 1):
+            out.append(f"'tool.{key}' must be >= {0 if key == 'offset' else 1}")
     if r.engine.backend == "openai" and not r.engine.base_urls:
         out.append("'engine.backend' is openai but 'engine.base_urls' is empty")
     return out

@@ -37,6 +37,7 @@ Where we differ from the reference, deliberately:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ from vigorl_cli.vision.frames import Frame, PointError
 from vigorl_cli.vision.zoom import ZoomTool
 
 MULTITURN_STOP = ("</tool_call>", "</answer>", "<|im_end|>")
+OBSERVATION_STYLES = ("rl", "sft", "eval")
 
 
 @dataclass
@@ -65,7 +67,9 @@ class EpisodeConfig:
     max_response_tokens: int = 2048  # sampled + observation + forced tokens (image tokens counted expanded)
     force_answer: bool = True  # append the forced-answer prefix with the crop that reaches max_images
     forced_greedy: bool = False  # sample the forced answer greedily (reference eval does)
-    observation_style: str = "sft"  # "sft" (ours, = SFT data) | "rl" (reference GRPO) | "eval" (reference eval)
+    # text of the observation turn (models/prompts.py:observation_text): "rl" (reference GRPO rollout §5.5, what the
+    # released RL checkpoints were trained with) | "sft" (the multi-turn SFT data §2.2) | "eval" (reference eval §6.4)
+    observation_style: str = "rl"
     mask_forced: bool = True  # loss mask 0 on forced tokens (the reference trains on them)
 
 
@@ -236,8 +240,10 @@ class Episode:
             self._fail(getattr(e, "kind", "invalid_point"))
             self._end("tool_error")
             return
-        before, after = prompts.observation_text(zoom.draw_dot, compat_eval=self.cfg.observation_style == "eval",
-                                                 compat_rl=self.cfg.observation_style == "rl")
+        style = self.cfg.observation_style
+        if style not in OBSERVATION_STYLES:
+            raise ValueError(f"observation_style {style!r}: expected one of {', '.join(OBSERVATION_STYLES)}")
+        before, after = prompts.observation_text(zoom.draw_dot, compat_eval=style == "eval", compat_rl=style == "rl")
         vision = "<|vision_start|><|image_pad|><|vision_end|>"
         forced = len(self.images) + 1 >= self.cfg.max_images and self.cfg.force_answer
         text = f"\n<|im_start|>user\n{before}{vision}{after}<|im_end|>\n<|im_start|>assistant\n"
@@ -297,12 +303,31 @@ class Episode:
         """Everything after the prompt, as text (assistant turns, observations, forced text)."""
         return "".join(s.text for s in self.segments[1:])
 
+    def tool_calls(self) -> list[dict | None]:
+        """One entry per assistant turn: ``None`` when the turn made no tool call, else the call as parsed
+        (``json``: the JSON body when it is valid JSON, ``name``, ``coordinate``, ``failure``, ``tolerated``)."""
+        out: list[dict | None] = []
+        for text in self.turn_texts:
+            tc = parse_tool_call(text)
+            if tc is None:
+                out.append(None)
+                continue
+            try:
+                body = json.loads(tc.raw.strip())
+            except ValueError:
+                body = None
+            out.append({"json": body, "name": tc.name,
+                        "coordinate": list(tc.coordinate) if tc.coordinate is not None else None,
+                        "failure": str(tc.failure) if tc.failure else None, "tolerated": list(tc.tolerated)})
+        return out
+
     def n_tokens(self) -> int:
         return sum(len(s.ids) for s in self.segments if s.kind == "sampled")
 
     def to_record(self) -> dict:
         return {"turns": self.turns, "finish": self.finish, "answer": self.answer, "failures": list(self.failures),
-                "crops": self.crops, "turn_texts": self.turn_texts, "tokens": self.n_tokens(),
+                "crops": self.crops, "turn_texts": self.turn_texts, "transcript": self.transcript(),
+                "tool_calls": self.tool_calls(), "tokens": self.n_tokens(),
                 "ends_with_eos": self.ends_with_eos,
                 "segments": [{"kind": s.kind, "n": len(s.ids), "images": s.n_images} for s in self.segments]}
 

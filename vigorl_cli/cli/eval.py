@@ -48,9 +48,17 @@ def eval_command(
         return
     overrides = list(set_ or [])
     r = load_recipe(recipe, overrides)
-    summaries = run_eval(r, model=model, benches=bench, engine=engine, base_urls=base_url, multiturn=multiturn,
-                         samples=samples, limit=limit, data_root=data_root, compat=compat, out=out,
-                         progress_factory=progress, log=err_console.print)
+    from vigorl_cli.eval.runner import EvalInterrupted
+
+    try:
+        summaries = run_eval(r, model=model, benches=bench, engine=engine, base_urls=base_url, multiturn=multiturn,
+                             samples=samples, limit=limit, data_root=data_root, compat=compat, out=out,
+                             progress_factory=progress, log=err_console.print)
+    except EvalInterrupted as e:  # results flushed, partial summary.json written ("complete": false)
+        s = e.summary
+        err_console.print(f"[yellow]interrupted[/yellow]: {s.get('bench')}: {s.get('draws', 0)}/{s.get('total', '?')} "
+                          f"samples saved in {e.out}; run the same command again to resume", soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
         print_json(summaries)
         return

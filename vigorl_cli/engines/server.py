@@ -27,7 +27,8 @@ one so that one bad request cannot fail its neighbours.
 Failure injection (tests, chaos runs): ``fail_first=K`` answers the first K chat requests with ``fail_status``
 (503 by default); ``delay_s`` sleeps before every chat request (for client timeouts). Both are attributes that may
 be changed while serving; the CLI takes ``--fail-first``/``--delay-s`` or ``VIGORL_SERVER_FAIL_FIRST``/
-``VIGORL_SERVER_DELAY_S``.
+``VIGORL_SERVER_DELAY_S``. ``stats["in_flight"]`` / ``stats["max_in_flight"]`` count the chat requests being
+handled now and at the peak (a client's concurrency limit can be checked against them).
 
 Run: ``python -m vigorl_cli.engines.server --model tiny-qwen2.5-vl --port 8000``. Only the standard library is used
 for HTTP (``http.server.ThreadingHTTPServer``), so it is a test and small-scale tool, not a production server.
@@ -189,7 +190,7 @@ class EngineServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self._stats_lock = threading.Lock()
         self.stats = {"chat_requests": 0, "injected_failures": 0, "served": 0, "errors": 0, "batches": 0,
-                      "max_batch_seen": 0}
+                      "max_batch_seen": 0, "in_flight": 0, "max_in_flight": 0}
         self.recent: deque[GenerationRequest] = deque(maxlen=64)  # the last requests handed to the engine
         self.batcher = _Batcher(engine, lock or threading.Lock(), batch_window_ms / 1000.0, max_batch,
                                 on_batch=self._on_batch)
@@ -220,6 +221,16 @@ class EngineServer(ThreadingHTTPServer):
         with self._stats_lock:
             self.stats["batches"] += 1
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], size)
+
+    def enter(self) -> None:
+        """A chat request is being handled (counts ``in_flight`` and its peak ``max_in_flight``)."""
+        with self._stats_lock:
+            self.stats["in_flight"] += 1
+            self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
+
+    def leave(self) -> None:
+        with self._stats_lock:
+            self.stats["in_flight"] -= 1
 
     def take_injected_failure(self) -> bool:
         with self._stats_lock:
@@ -411,6 +422,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
+        self.server.enter()
+        try:
+            self._chat(raw)
+        finally:
+            self.server.leave()
+
+    def _chat(self, raw: bytes) -> None:
         srv = self.server
         if srv.take_injected_failure():
             self._error(srv.fail_status, "injected failure", "server_error")

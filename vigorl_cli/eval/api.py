@@ -10,7 +10,7 @@ from typing import Any
 from vigorl_cli.data.io import atomic_write_json
 from vigorl_cli.engines.base import SamplingParams
 from vigorl_cli.eval.benchmarks import BENCHMARKS, get_benchmark
-from vigorl_cli.eval.runner import EvalSettings, evaluate
+from vigorl_cli.eval.runner import EvalInterrupted, EvalSettings, evaluate
 from vigorl_cli.recipe import Recipe, expand_env
 
 DEMO_ROOT_DEFAULT = "data/demo"
@@ -65,21 +65,30 @@ def run_eval(r: Recipe, model: str | None = None, benches: str | list[str] | Non
                               samples=samples or r.eval.samples, limit=limit or r.eval.max_samples,
                               compat=compat or r.eval.compat, system_prompt=r.prompt.system,
                               prompt_variant=r.eval.prompt_variant, literal_newlines=r.prompt.literal_newlines,
-                              seed=r.seed, max_turns=r.tool.max_turns,
+                              seed=r.seed, max_turns=r.tool.max_turns, max_images=r.tool.max_images,
+                              offset=r.tool.offset, crop_size=r.tool.crop_size, draw_dot=r.tool.draw_dot,
+                              observation_style=r.tool.observation_style,
                               max_response_tokens=max(r.eval.max_response_tokens, sampling.max_new_tokens))
-            if progress_factory is not None:
-                with progress_factory() as prog:
-                    task = prog.add_task(b.name, total=None, stats="")
+            try:
+                if progress_factory is not None:
+                    with progress_factory() as prog:
+                        task = prog.add_task(b.name, total=None, stats="")
 
-                    def cb(done: int, total: int, _info: dict, prog=prog, task=task) -> None:
-                        prog.update(task, completed=done, total=total, stats="")
+                        def cb(done: int, total: int, _info: dict, prog=prog, task=task) -> None:
+                            prog.update(task, completed=done, total=total, stats="")
 
-                    s = evaluate(b, eng, processor, st, on_progress=cb)
-            else:
-                s = evaluate(b, eng, processor, st)
+                        s = evaluate(b, eng, processor, st, on_progress=cb)
+                else:
+                    s = evaluate(b, eng, processor, st)
+            except EvalInterrupted as e:  # Ctrl-C: the bench wrote its partial summary; record what is done
+                e.summary["model"] = str(model_name)
+                atomic_write_json(out_dir / "summary.json", {"model": str(model_name), "complete": False,
+                                                             "benches": [*summaries, e.summary]})
+                raise
             s["model"] = str(model_name)
             summaries.append(s)
-        atomic_write_json(out_dir / "summary.json", {"model": str(model_name), "benches": summaries})
+        atomic_write_json(out_dir / "summary.json", {"model": str(model_name), "complete": True,
+                                                     "benches": summaries})
     finally:
         close = getattr(eng, "close", None)
         if close is not None:

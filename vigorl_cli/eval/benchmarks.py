@@ -14,7 +14,9 @@ Names accepted by :func:`get_benchmark` (``vigorl eval --bench``):
 * ``NAME:PATH`` — the same benchmark on a file or folder in any format it reads (e.g.
   ``screenspot-pro:/data/ScreenSpot-Pro`` for the official annotations, ``blink:/data/BLINK`` for the HF parquet);
 * ``NAME@key=value[@key=value]`` — with settings changed (``max_pixels``, ``max_side``, ``mode``, ``max_turns``,
-  ``zoom``, ``preset``), e.g. ``screenspot-pro@max_pixels=6013280`` (the reference's later eval limit);
+  ``max_images``, ``zoom``, ``preset``), e.g. ``screenspot-pro@max_pixels=6013280`` (the reference's later eval
+  limit). A setting given in the name wins over the recipe and the CLI (``tool.max_turns`` etc.), which win over
+  the benchmark's own default;
 * ``jsonl:PATH`` — any data file in our schema or the released LLaVA / RL formats (judge and prompt per sample task).
 
 The ``demo-*`` benchmarks are the same definitions on the bundled synthetic data (``vigorl data demo``), which is
@@ -446,6 +448,7 @@ class Benchmark:
     max_pixels: int | None = None
     zoom: str = "vstar"  # ZoomTool preset for multi-turn
     max_turns: int = 5
+    max_images: int = 5  # multi-turn: the question image + crops
     split: Splitter | None = None  # sub-split label(s) of a sample
     demo: bool = False
     description: str = ""
@@ -456,6 +459,7 @@ class Benchmark:
     report: Callable[[dict], dict] | None = None  # official aggregates from the summary → summary["official"]
     source: str | None = None  # NAME:PATH
     official: str = ""  # how the benchmark's own code scores (for --list and docs)
+    overrides: tuple[str, ...] = ()  # keys set in the name (NAME@key=value); they win over recipe and CLI values
 
     def splits_of(self, s: Sample, path: str) -> list[str]:
         if self.split is None:
@@ -527,7 +531,7 @@ _DEMO = [
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _REAL + _DEMO}
 
-_OVERRIDES = {"max_side", "max_pixels", "mode", "max_turns", "zoom", "preset"}
+_OVERRIDES = {"max_side", "max_pixels", "mode", "max_turns", "max_images", "zoom", "preset"}
 
 
 def _override_value(key: str, value: str, name: str) -> Any:
@@ -543,7 +547,7 @@ def _override_value(key: str, value: str, name: str) -> Any:
         if not value.replace("_", "").isdigit():
             raise bad("a positive integer or none")
         return int(value.replace("_", ""))
-    if key == "max_turns":
+    if key in ("max_turns", "max_images"):
         if not value.isdigit() or int(value) < 1:
             raise bad("a positive integer")
         return int(value)
@@ -587,7 +591,7 @@ def get_benchmark(name: str) -> Benchmark:
                             hint=f"NAME@key=value with key one of {', '.join(sorted(_OVERRIDES))}")
         over[key] = _override_value(key, value, name)
     if over:
-        b = replace(b, name=base, **over)
+        b = replace(b, name=base, overrides=tuple(sorted(over)), **over)
     if source:
         b = replace(b, source=source)
     return b

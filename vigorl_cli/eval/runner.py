@@ -5,7 +5,11 @@ Output folder (per benchmark ``OUT/<bench>/``):
 * ``samples.jsonl``: one record per (sample, draw), appended and fsynced as each episode finishes. A rerun on the
   same folder skips every (id, draw) already there: nothing finished is redone or duplicated, and a killed run loses
   at most the episodes in flight.
-* ``summary.json``: written atomically at the end (see :func:`summarize` for the fields).
+* ``summary.json``: written atomically at the end (see :func:`summarize` for the fields), with ``"complete": true``.
+  On Ctrl-C the results file is closed, a partial summary (``"complete": false``) is written and
+  :class:`EvalInterrupted` (a ``KeyboardInterrupt``) is raised; ``vigorl eval`` then prints a resume hint and exits
+  130. Records carry the prompt as sent (``prompt``), the whole ``transcript`` (assistant turns, observation turns,
+  forced text) and the parsed ``tool_calls`` of each turn; no image bytes.
 
 Scoring happens in the **original image frame**: a point the model gave on the resized image is mapped back with
 ``vision.frames`` before the judge compares it with the ground truth (so predictions made at two pixel limits score
@@ -62,9 +66,49 @@ class EvalSettings:
     literal_newlines: bool = False
     seed: int = 0
     chunk: int = 64  # episodes created per batch of work (memory bound)
+    # multi-turn limits and zoom settings; None: the benchmark's own. A setting in the benchmark name
+    # (NAME@max_turns=3) wins over these, which win over the benchmark's default.
     max_turns: int | None = None
+    max_images: int | None = None
+    offset: int | None = None
+    crop_size: int | None = None
+    draw_dot: bool | None = None
+    observation_style: str = "auto"  # auto: "eval" with compat (reference eval wrapper), else "rl" (RL training)
     max_response_tokens: int = 4096
     zoom_source: str = "shown"
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`evaluate`: the results file is closed and a partial ``summary.json`` (``"complete":
+    false``) is written before this is raised. ``summary`` is that partial summary, ``out`` its folder."""
+
+    def __init__(self, summary: dict, out: Path):
+        super().__init__(f"interrupted: {summary.get('draws', 0)} of {summary.get('total', '?')} samples saved in {out}")
+        self.summary, self.out = summary, out
+
+
+def _setting(bench: Benchmark, key: str, explicit: Any) -> Any:
+    """Precedence: the benchmark name's ``@key=value`` > the recipe/CLI value > the benchmark's default."""
+    if key in bench.overrides or explicit is None:
+        return getattr(bench, key)
+    return explicit
+
+
+def episode_config(bench: Benchmark, st: EvalSettings, multi: bool) -> EpisodeConfig:
+    """The episode settings for ``bench`` under ``st`` (see :func:`_setting` for the precedence)."""
+    zoom = None
+    if multi:
+        explicit = {k: getattr(st, k) for k in ("offset", "crop_size", "draw_dot")}
+        if "zoom" in bench.overrides:  # NAME@zoom=PRESET names the whole zoom setting
+            explicit = {}
+        zoom = ZoomTool.preset(bench.zoom, source=st.zoom_source,
+                               **{k: v for k, v in explicit.items() if v is not None})
+    style = st.observation_style if st.observation_style != "auto" else ("eval" if st.compat else "rl")
+    return EpisodeConfig(sampling=st.sampling, multiturn=multi, zoom=zoom,
+                         max_turns=_setting(bench, "max_turns", st.max_turns),
+                         max_images=_setting(bench, "max_images", st.max_images),
+                         max_response_tokens=st.max_response_tokens, forced_greedy=st.compat,
+                         observation_style=style)
 
 
 @dataclass
@@ -129,11 +173,7 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
     done = rf.done_ids()
     todo = [(it, d) for it in items for d in range(st.samples) if f"{it.sample.id}#{d}" not in done]
     multi = (st.mode == "multi") or (st.mode == "auto" and bench.mode == "multi")
-    zoom = ZoomTool.preset(bench.zoom, source=st.zoom_source) if multi else None
-    cfg = EpisodeConfig(sampling=st.sampling, multiturn=multi, zoom=zoom,
-                        max_turns=st.max_turns or bench.max_turns, max_images=5,
-                        max_response_tokens=st.max_response_tokens, forced_greedy=st.compat,
-                        observation_style="eval" if st.compat else "sft")
+    cfg = episode_config(bench, st, multi)
     t0 = time.time()
     n_total, n_done = len(items) * st.samples, len(items) * st.samples - len(todo)
     meta: dict[str, dict] = {}
@@ -154,6 +194,7 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
             failures.append(str(res.failure))
         rf.append({"key": f"{s.id}#{ep.draw}", "id": s.id, "draw": ep.draw, "bench": bench.name,
                    "split": it["split"], "splits": it["splits"], "question": s.question, "gt": s.answer,
+                   "prompt": ep.segments[0].text,  # system + user turn as sent (chat template, 1 image placeholder)
                    "pred": pred, "pred_original": list(mapped) if mapped else None, "score": float(res.score),
                    "failure": failures[0] if failures else None,
                    "judge": {"pred": res.pred, "details": _jsonable(res.details)},
@@ -164,40 +205,54 @@ def evaluate(bench: Benchmark, engine: Any, processor: Any, st: EvalSettings,
         if on_progress:
             on_progress(n_done, n_total, {})
 
-    for i in range(0, len(todo), st.chunk):
-        episodes = []
-        cache: dict[str, tuple] = {}
-        for it, draw in todo[i:i + st.chunk]:
-            s = it.sample
-            meta[f"{s.id}#{draw}"] = {"split": it.split, "splits": it.splits}
-            try:
-                if s.id not in cache:
-                    if not s.images:
-                        raise FileNotFoundError("sample has no image")
-                    cache[s.id] = load_for_model(s.image_paths(st.data_root)[0], processor,
-                                                 max_side=bench.max_side, max_pixels=bench.max_pixels)
-                original, frame, shown = cache[s.id]
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name, "split": it.split,
-                           "splits": it.splits, "question": s.question, "gt": s.answer, "pred": None, "score": 0.0,
-                           "failure": "image_error", "failures": ["image_error"],
-                           "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0,
-                           "image": s.images[0] if s.images else None})
-                n_done += 1
-                if on_progress:
-                    on_progress(n_done, n_total, {})
-                continue
-            episodes.append(Episode(s, shown, frame, _system_prompt(bench, s, multi, st), processor, cfg,
-                                    seed=st.seed, draw=draw, original=original))
-        run_episodes(engine, episodes, on_done=record)
-    rf.close()
+    def run_all() -> None:
+        nonlocal n_done
+        for i in range(0, len(todo), st.chunk):
+            episodes = []
+            cache: dict[str, tuple] = {}
+            for it, draw in todo[i:i + st.chunk]:
+                s = it.sample
+                meta[f"{s.id}#{draw}"] = {"split": it.split, "splits": it.splits}
+                try:
+                    if s.id not in cache:
+                        if not s.images:
+                            raise FileNotFoundError("sample has no image")
+                        cache[s.id] = load_for_model(s.image_paths(st.data_root)[0], processor,
+                                                     max_side=bench.max_side, max_pixels=bench.max_pixels)
+                    original, frame, shown = cache[s.id]
+                except (OSError, UnidentifiedImageError, ValueError) as e:
+                    rf.append({"key": f"{s.id}#{draw}", "id": s.id, "draw": draw, "bench": bench.name,
+                               "split": it.split, "splits": it.splits, "question": s.question, "gt": s.answer,
+                               "pred": None, "score": 0.0,
+                               "failure": "image_error", "failures": ["image_error"],
+                               "error": f"{type(e).__name__}: {e}", "turns": 0, "crops": [], "tokens": 0,
+                               "image": s.images[0] if s.images else None})
+                    n_done += 1
+                    if on_progress:
+                        on_progress(n_done, n_total, {})
+                    continue
+                episodes.append(Episode(s, shown, frame, _system_prompt(bench, s, multi, st), processor, cfg,
+                                        seed=st.seed, draw=draw, original=original))
+            run_episodes(engine, episodes, on_done=record)
+
+    interrupted = False
+    try:
+        run_all()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        rf.close()
     summary = summarize(rf.read(), bench.name, st.samples, elapsed=time.time() - t0, n_new=len(todo))
+    summary["total"] = n_total
+    summary["complete"] = not interrupted and summary["draws"] >= n_total
     summary["load_errors"] = [str(e) for e in load_errors]
     summary["data_root"] = str(Path(st.data_root).resolve())  # lets `vigorl view` find the images
     summary["source_formats"] = sorted({it.sample.meta.get("source_format", "released") for it in items})
     if bench.report is not None:
         summary["official"] = bench.report(summary)
     atomic_write_json(out / "summary.json", summary)
+    if interrupted:
+        raise EvalInterrupted(summary, out)
     return summary
 
 

@@ -45,7 +45,6 @@ from vigorl_cli.linearize.single import CHAIN_SEPARATOR, Chain, count_words, sel
 from vigorl_cli.models import prompts
 from vigorl_cli.recipe import Recipe
 from vigorl_cli.search.tree import TreeRecord
-from vigorl_cli.vision.zoom import ZoomTool
 
 FORMATS = ("single", "multiturn", "both")
 
@@ -127,8 +126,8 @@ def run_linearize(r: Recipe, inputs: list[str | Path], out: Path, fmt: str | Non
     out.mkdir(parents=True, exist_ok=True)
     train_ids = split_train(trees, lc.val_fraction, r.seed)
     count, count_unit = _token_counter(r.model.name)
-    st = MultiturnSettings(zoom=ZoomTool(offset=r.tool.offset, crop_size=r.tool.crop_size, draw_dot=r.tool.draw_dot),
-                           max_turns=r.tool.max_turns, min_pixels=lc.min_pixels, max_pixels=lc.max_pixels,
+    st = MultiturnSettings(zoom=r.tool.zoom(),
+                           max_turns=r.tool.value("max_turns"), min_pixels=lc.min_pixels, max_pixels=lc.max_pixels,
                            shuffle_prob=lc.shuffle_prob)
     single: dict[str, list[SFTRecord]] = {"train": [], "val": []}
     multi: dict[str, list[SFTRecord]] = {"train": [], "val": []}

@@ -420,26 +420,95 @@ def _web_action_eval(pred: str, gt: str) -> JudgeResult:
     return JudgeResult(0.0, p, FailureKind.UNKNOWN_ACTION)
 
 
-def web_action(pred: str | None, gt: GroundTruth, *, compat: bool = False) -> JudgeResult:
+# VisualWebArena's action space (id-based): verb → the arguments that must match for the argument credit
+WEB_ACTIONS: dict[str, tuple[str, ...]] = {
+    "click": ("id",), "hover": ("id",), "type": ("id", "text"), "press": ("key",), "scroll": ("direction",),
+    "new_tab": (), "tab_focus": ("index",), "close_tab": (), "goto": ("url",), "go_back": (), "go_forward": (),
+    "stop": ("answer",),
+}
+_ACTION_RE = re.compile(r"(?<![A-Za-z_])(" + "|".join(sorted(WEB_ACTIONS, key=len, reverse=True))
+                        + r")(?![A-Za-z_])((?:\s*\[[^\]]*\])*)", re.IGNORECASE)
+
+
+def parse_web_action(text: str) -> tuple[str, dict[str, str]] | None:
+    """``(verb, args)`` of the first VWA action in ``text`` (``click [12]``, ``type [5] [red shoes] [1]``,
+    ``scroll [direction=down]``, ``stop [42]``, ``go_back``), or ``None`` when there is none.
+
+    ``args`` holds the normalised arguments the verb takes (see :data:`WEB_ACTIONS`): element ids and tab indices as
+    digit strings, the direction without ``direction=``, text, keys, URLs and answers with whitespace collapsed and
+    case folded. A verb whose required argument is missing or malformed (``click here``) gives ``args["error"]``.
+    ``type``'s optional third argument (``press_enter_after``) is not compared."""
+    m = _ACTION_RE.search(text or "")
+    if m is None:
+        return None
+    verb = m.group(1).lower()
+    raw = re.findall(r"\[([^\]]*)\]", m.group(2) or "")
+    args: dict[str, str] = {}
+    for name, value in zip(WEB_ACTIONS[verb], raw):
+        v = " ".join(value.split()).casefold()
+        if name == "direction":
+            v = v.removeprefix("direction=").strip()
+        args[name] = v
+    need = WEB_ACTIONS[verb]
+    if verb == "stop":  # `stop` alone (no answer) is a valid VWA action
+        need = ()
+    if len(raw) < len(need) or any(n in ("id", "index") and not args.get(n, "").isdigit() for n in need):
+        args["error"] = f"{verb} needs " + " ".join(f"[{n}]" for n in WEB_ACTIONS[verb])
+    return verb, args
+
+
+def _web_action_strict(pred: str, gt: str) -> JudgeResult:
+    """Ours: 0.5 for the same verb + 0.5 for the same arguments (only with the same verb), both parsed."""
+    g = parse_web_action(gt)
+    if g is None or "error" in g[1]:
+        return JudgeResult(0.0, pred, FailureKind.BAD_GROUND_TRUTH, {"gt": gt})
+    p = parse_web_action(pred)
+    if p is None:
+        return JudgeResult(0.0, pred, FailureKind.UNKNOWN_ACTION)
+    (pv, pa), (gv, ga) = p, g
+    if "error" in pa:
+        return JudgeResult(0.0, pred, FailureKind.BAD_ACTION, {"verb": pv, "error": pa["error"]})
+    type_score = 0.5 * (pv == gv)
+    arg_score = 0.5 * (pv == gv and all(pa.get(k) == ga.get(k) for k in WEB_ACTIONS[gv]))
+    return JudgeResult(type_score + arg_score, pred, None, {"verb": pv, "gt_verb": gv, "args": pa, "gt_args": ga,
+                                                            "type_score": type_score, "arg_score": arg_score})
+
+
+def web_action(pred: str | None, gt: GroundTruth, *, compat: bool = False, scorer: str | None = None) -> JudgeResult:
     """Next web action (``click [12]``, ``type [12] [text]``, ``scroll [down]``, ``go_back``, ``stop [answer]``).
 
-    Default: the reference **RL** scorer (§5.7), reproduced exactly because GRPO rewards must match: verbs are found
-    by substring in the order go_back, stop, scroll, click, type; go_back/stop → 1 iff the same word is in the GT;
-    scroll → 1 iff both say ``[down]`` or both ``[up]``; click → 0.5·(``click`` in GT) + 0.5·(first ``[digits]`` equal);
-    type → 0.5·(``type`` in GT) + 0.5·(first ``[...]`` equal: that is the element id, the typed text is not compared).
-    Case-sensitive, as the reference.
+    Default (``scorer="strict"``, ours): both actions are parsed (:func:`parse_web_action`); 0.5 when the verbs are
+    equal, plus 0.5 when, with the same verb, the arguments are equal too: the element id for click/hover, the id
+    **and** the typed text for type, the direction for scroll, the key for press, the URL for goto, the answer for
+    stop (case and whitespace insensitive; verbs without arguments get the argument credit with the verb). A GT
+    ``type [1] [click me]`` gives ``click [12]`` nothing: the reference scorers' bare ``"click" in gt`` test would
+    give it 0.5 (RL) or compare substrings (eval).
 
-    ``compat=True``: the reference **eval** judge (§1.6), binary and substring-based: click scores 1 when ``click`` is
-    in the GT and the predicted ``[id]`` is a substring of the GT (``click [1]`` vs GT ``type [1] [click me]`` → 1),
-    ``type`` content with spaces scores 0, scroll ignores the direction.
+    ``scorer="rl"``: the reference **RL** scorer (§5.7), exact, used by the GRPO reward presets because rewards must
+    match the reference: verbs found by substring in the order go_back, stop, scroll, click, type; go_back/stop → 1
+    iff the same word is in the GT; scroll → 1 iff both say ``[down]`` or both ``[up]``; click → 0.5·(``click`` in
+    GT) + 0.5·(first ``[digits]`` equal); type → 0.5·(``type`` in GT) + 0.5·(first ``[...]`` equal: the element id;
+    the typed text is not compared). Case-sensitive.
+
+    ``compat=True`` (or ``scorer="eval"``): the reference **eval** judge (§1.6), binary and substring-based: click
+    scores 1 when ``click`` is in the GT and the predicted ``[id]`` is a substring of the GT (``click [1]`` vs GT
+    ``type [1] [click me]`` → 1), ``type`` content with spaces scores 0, scroll ignores the direction.
     """
     if pred is None:
         return JudgeResult(0.0, None, FailureKind.NO_ANSWER_TAG)
     g = _gt_text(gt)
     if not pred.strip():
         return JudgeResult(0.0, pred, FailureKind.EMPTY_ANSWER)
-    r = _web_action_eval(pred, g) if compat else _web_action_rl(pred, g)
-    r.details["scorer"] = "eval" if compat else "rl"
+    scorer = scorer or ("eval" if compat else "strict")
+    if scorer == "eval":
+        r = _web_action_eval(pred, g)
+    elif scorer == "rl":
+        r = _web_action_rl(pred, g)
+    elif scorer == "strict":
+        r = _web_action_strict(pred, g)
+    else:
+        raise ValueError(f"web_action scorer {scorer!r}: expected strict, rl or eval")
+    r.details["scorer"] = scorer
     return r
 
 

@@ -160,7 +160,7 @@ def _accuracy(inp: RewardInput, task: str, pred: str | None, compat: bool, multi
     if task == "grounding":
         return point_in_box(pred, gt, compat=compat)
     if task == "web_action":
-        return web_action(pred, gt, compat=False)  # the RL scorer in both modes
+        return web_action(pred, gt, scorer="rl")  # the reference RL scorer in both modes
     if multiturn:
         return exact_match(pred, gt, compat=compat, strip_option_prefix=False, lowercase_gt=True, choices=choices)
     return exact_match(pred, gt, compat=compat, strip_option_prefix=True, choices=choices)

@@ -105,6 +105,7 @@ class MCTSSettings:
     mode: str = "singleturn"  # singleturn | multiturn
     zoom: ZoomTool | None = None  # multiturn
     max_images: int = 5  # multiturn: the question image + crops
+    observation_style: str = "rl"  # multiturn: the observation turn text (agent.episode.EpisodeConfig)
     seed: int = 42
     timeout_s: float | None = None
 
@@ -112,13 +113,14 @@ class MCTSSettings:
     def from_recipe(cls, r: Any) -> MCTSSettings:
         m = r.mcts
         sampling = SamplingParams.from_config(m.sampling, n=1, stop=tuple(m.stop))
-        zoom = ZoomTool(offset=r.tool.offset, crop_size=r.tool.crop_size, draw_dot=r.tool.draw_dot)
+        zoom = r.tool.zoom()
         return cls(simulations=m.simulations, max_depth=m.max_depth, children_per_expand=m.children_per_expand,
                    rollouts_per_node=m.rollouts_per_node, rollout_max_steps=m.rollout_max_steps, c_puct=m.c_puct,
                    thought_range=(m.min_thoughts, m.max_thoughts) if m.add_thought_number else None,
                    sampling=sampling, preset=r.prompt.preset, system_prompt=r.prompt.system,
                    literal_newlines=r.prompt.literal_newlines, judge=None if m.judge == "auto" else m.judge,
-                   compat=m.compat, mode=m.mode, zoom=zoom, max_images=r.tool.max_images, seed=r.seed,
+                   compat=m.compat, mode=m.mode, zoom=zoom, max_images=r.tool.value("max_images"),
+                   observation_style=r.tool.style(), seed=r.seed,
                    timeout_s=m.sample_timeout_s or None)
 
 
@@ -309,7 +311,7 @@ class TreeSearch:
         # (as in single-turn mode), so the episode's own turn limit never ends a conversation unanswered first
         cfg = EpisodeConfig(sampling=self.cfg.sampling, multiturn=True, zoom=self.cfg.zoom,
                             max_turns=self.cfg.max_depth + 1, max_images=self.cfg.max_images,
-                            max_response_tokens=1 << 30)
+                            max_response_tokens=1 << 30, observation_style=self.cfg.observation_style)
         return Episode(self.sample, self.image, self.frame, self.system_prompt, self.processor, cfg,
                        seed=self.cfg.seed)
 

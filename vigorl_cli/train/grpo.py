@@ -77,6 +77,19 @@ def load_rl_samples(files: list[Path], max_samples: int | None, seed: int, log: 
     return samples
 
 
+def rollout_episode_config(recipe: Recipe, multi: bool) -> Any:
+    """The rollout's :class:`~vigorl_cli.agent.episode.EpisodeConfig`: sampling from ``grpo.sampling``, the zoom tool,
+    turn/image limits and observation text from ``tool`` (unset keys: ``recipe.TOOL_DEFAULTS``)."""
+    from vigorl_cli.agent.episode import EpisodeConfig
+    from vigorl_cli.engines.base import SamplingParams
+
+    g = recipe.grpo
+    return EpisodeConfig(sampling=SamplingParams.from_config(g.sampling, n=1), multiturn=multi,
+                         zoom=recipe.tool.zoom() if multi else None, max_turns=recipe.tool.value("max_turns"),
+                         max_images=recipe.tool.value("max_images"), max_response_tokens=g.max_response_len,
+                         observation_style=recipe.tool.style())
+
+
 def build_policy(recipe: Recipe, model: str | None, log: Callable[[str], None]):
     """The trainable policy (fp32 master weights), its processor, and a frozen reference copy when KL is used."""
     from vigorl_cli.models.load import load_model
@@ -148,11 +161,11 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
           progress_factory: Callable[[], Any] | None = None,
           reward_fn: Callable[[Any], dict[str, float]] | None = None) -> dict:
     """Run ``recipe.grpo``; returns the summary (also ``out/summary.json``). The final HF folder is ``out/model``."""
-    from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+    from vigorl_cli.agent.episode import Episode, run_episodes
     from vigorl_cli.agent.images import load_for_model
     from vigorl_cli.data.io import atomic_write_json
     from vigorl_cli.data.schema import Target
-    from vigorl_cli.engines.base import SamplingParams, derive_seed
+    from vigorl_cli.engines.base import derive_seed
     from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models import prompts
     from vigorl_cli.models.load import ModelBundle
@@ -163,7 +176,6 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.train.losses import group_advantages, informative_groups, masked_entropy_from_logp, policy_loss
     from vigorl_cli.train.metrics import make_loggers
     from vigorl_cli.train.parallel import OptimConfig, setup, teardown, wrap
-    from vigorl_cli.vision.zoom import ZoomTool
 
     g = recipe.grpo
     out_dir = Path(out if out is not None else recipe.output.dir)
@@ -223,18 +235,14 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                                 gpu_memory_utilization=recipe.engine.gpu_memory_utilization,
                                 max_model_len=recipe.engine.max_model_len, enforce_eager=recipe.engine.enforce_eager,
                                 min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                                limit_images=recipe.tool.max_images)
+                                limit_images=recipe.tool.value("max_images"))
         else:
             raise RecipeError("grpo rolls out with the hf or vllm engine (the policy changes every step)",
                               hint="--set engine.backend=hf")
         system = recipe.prompt.system or prompts.system_prompt(recipe.prompt.preset,
                                                                "multiturn" if multi else "single",
                                                                literal_newlines=recipe.prompt.literal_newlines)
-        ep_cfg = EpisodeConfig(
-            sampling=SamplingParams.from_config(g.sampling, n=1), multiturn=multi,
-            zoom=ZoomTool(offset=recipe.tool.offset, crop_size=recipe.tool.crop_size, draw_dot=recipe.tool.draw_dot)
-            if multi else None, max_turns=recipe.tool.max_turns, max_images=recipe.tool.max_images,
-            max_response_tokens=g.max_response_len)
+        ep_cfg = rollout_episode_config(recipe, multi)
         image_token_id = hf.config.image_token_id
         val_cfg = dataclasses.replace(ep_cfg, sampling=SamplingParams.from_config(
             g.sampling, n=1, temperature=g.val_temperature))
