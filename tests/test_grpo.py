@@ -467,3 +467,57 @@ def test_multiturn_grpo_step_with_a_zoom_crop(tmp_path, demo_root, monkeypatch):
         assert sum(got) == sum(len(s.ids) for s in ep.segments if s.kind == "sampled")
     assert grids and all(n_img == 2 * rows for rows, n_img in grids)  # two images per trained sequence
     assert m["logprob_diff_engine_vs_trainer"] < 1e-4
+
+
+# -- resume after kill -9 ---------------------------------------------------------------------------------------------
+
+KILL_SETS = ["grpo.steps=3", "grpo.lr=1e-3", "grpo.prompts_per_step=2", "grpo.group_size=4",
+             "grpo.responses_per_update=4", "grpo.micro_batch_size=4", "grpo.keep_last=3"]
+
+
+@pytest.mark.slow
+def test_grpo_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, demo_root):
+    """`vigorl grpo` as a subprocess, SIGKILLed as soon as its first checkpoint is in place, then resumed on the same
+    --out: every step's rewards, loss, grad norm and KL equal those of an uninterrupted run (same prompt order, RNG,
+    optimizer state)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from vigorl_cli.train.grpo import train
+
+    tests = Path(__file__).resolve().parent
+    out = tmp_path / "killed"
+    args = ["grpo", "--out", str(out)]
+    for o in [f"data.root={demo_root}", "data.rl_train=[spatial_reasoning/vigorl_sat2_train_RL.jsonl]",
+              "grpo.sampling.max_new_tokens=12", "grpo.save_every=1", "grpo.gradient_checkpointing=false",
+              "grpo.kl_coef=0.01", *KILL_SETS, "reward.preset=test_grpo:vowel_reward"]:
+        args += ["--set", o]
+    env = dict(os.environ, VIGORL_QUIET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    log = (tmp_path / "stderr.txt").open("w")
+    p = subprocess.Popen([sys.executable, "-m", "vigorl_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    first = out / "checkpoints" / "step-000001"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not first.exists():
+        time.sleep(0.01)
+    running = p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    log.close()
+    assert running, (tmp_path / "stderr.txt").read_text()[-3000:]  # the kill landed mid-run
+    assert first.exists() and not (out / "summary.json").exists()
+
+    # resume in-process (the same recipe; the plug-in reward given directly)
+    resumed = train(_recipe(demo_root, *KILL_SETS), out=out, reward_fn=vowel_reward, log=lambda *_: None)
+    assert resumed["resumed_from"] >= 1
+    full = train(_recipe(demo_root, *KILL_SETS), out=tmp_path / "full", reward_fn=vowel_reward, log=lambda *_: None)
+    assert resumed["rewards"] == pytest.approx(full["rewards"], abs=1e-6)
+    got, want = _metrics(out), _metrics(tmp_path / "full")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3]
+    for a, b in zip(got, want):
+        for k in ("reward", "loss", "grad_norm", "kl", "pg_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
