@@ -270,11 +270,19 @@ def test_prompts_longer_than_max_prompt_len_are_dropped_and_counted(tmp_path, de
     assert m["prompts_dropped_too_long"] == len(lens) - len(kept)
     assert {rec["id"] for rec in _rollouts(out, 1)} == kept
 
-    # every prompt too long: the step is skipped and logged, the run finishes
-    s = train(_recipe(demo_root, *extra, f"grpo.max_prompt_len={min(lens.values()) - 1}"), out=tmp_path / "h",
-              log=lambda *_: None)
+    # every prompt too long (through the CLI): the step is skipped and logged, the run finishes
+    from typer.testing import CliRunner
+
+    from vigorl_cli.cli.main import app
+
+    sets = [f"data.root={demo_root}", "data.rl_train=[spatial_reasoning/vigorl_sat2_train_RL.jsonl]",
+            "grpo.sampling.max_new_tokens=12", "grpo.gradient_checkpointing=false", *extra,
+            f"grpo.max_prompt_len={min(lens.values()) - 1}"]
+    res = CliRunner().invoke(app, ["grpo", "--out", str(tmp_path / "h"), *(a for kv in sets for a in ("--set", kv))])
+    assert res.exit_code == 0, res.output
     m = _metrics(tmp_path / "h")[0]
-    assert m["skipped"] == 1 and m["prompts_dropped_too_long"] == 6 and s["rewards"] == [None]
+    assert m["skipped"] == 1 and m["prompts_dropped_too_long"] == 6
+    assert json.loads((tmp_path / "h" / "summary.json").read_text())["rewards"] == [None]
 
 
 # -- grpo.sampling.stop -----------------------------------------------------------------------------------------------
