@@ -1,4 +1,4 @@
-"""GRPO step on the GPU: one rollout step broken into rollout / reward / old+ref log-probs / update.
+"""GRPO step on the GPU: one rollout step broken into rollout / reward / old log-probs / ref log-probs / update.
 
 Runs `vigorl grpo`'s own loop (`vigorl_cli.train.grpo.train`) on a Qwen2.5-VL-3B-shaped random-weight model written
 to a temporary folder, with the HF engine sampling from the live policy, on the demo V*-like data.
@@ -53,8 +53,8 @@ def main() -> None:
     n = args.prompts * args.group
     sets = [f"data.root={root}", "data.rl_train=[visual_search/vigorl_SA_RL.jsonl]", f"grpo.steps={args.steps}",
             f"grpo.prompts_per_step={args.prompts}", f"grpo.group_size={args.group}",
-            f"grpo.responses_per_update={n}", "grpo.micro_batch_size=8", f"grpo.sampling.max_new_tokens="
-            f"{args.max_new_tokens}", "grpo.truncated=keep", "grpo.save_every=1000", "engine.batch_size=64",
+            f"grpo.responses_per_update={n}", "grpo.micro_batch_size=8",
+            f"grpo.sampling.max_new_tokens={args.max_new_tokens}", "grpo.truncated=keep", "grpo.save_every=1000", "engine.batch_size=64",
             "prompt.preset=vstar", "grpo.lr=1e-6"]
     if args.multiturn:
         sets += ["tool.enabled=true", "grpo.max_response_len=4096"]
@@ -63,8 +63,9 @@ def main() -> None:
     s = train(r, model=model, out=work / "run", log=lambda m: print(m, flush=True))
     total = time.time() - t
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("step", "rollout_s", "reward_s", "logprob_s", "update_s", "tokens_per_s", "response_tokens",
-            "logprob_diff_engine_vs_trainer", "grad_norm", "kl", "entropy")
+    # old and reference log-probs are separate passes (logprob_s = their sum, kept for older result files)
+    keys = ("step", "rollout_s", "reward_s", "old_logprob_s", "ref_logprob_s", "logprob_s", "update_s", "tokens_per_s",
+            "response_tokens", "logprob_diff_engine_vs_trainer", "grad_norm", "kl", "entropy")
     for row in rows:
         print(json.dumps({k: row.get(k) for k in keys}), flush=True)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -124,6 +124,12 @@ class SamplingConfig:
 
 
 @dataclass
+class RolloutSamplingConfig(SamplingConfig):
+    stop: list[str] = F([], "extra stop strings per turn, added to multi-turn's own (</tool_call>, </answer>, end of "
+                            "turn); reference: none single-turn")
+
+
+@dataclass
 class EngineConfig:
     backend: Literal["hf", "vllm", "openai"] = F("hf", "hf: transformers generate (any machine); vllm: offline "
                                                        "vllm.LLM; openai: OpenAI-compatible servers")
@@ -248,14 +254,16 @@ class GRPOConfig:
     clip_dual: float = F(3.0, "dual-clip bound for negative advantages")
     kl_coef: float = F(0.01, "KL weight to the frozen reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = F("k3", "k3: low-variance KL, clamped to ±10")
-    kl_in: Literal["loss", "reward"] = F("loss", "KL as a loss term or subtracted from the reward")
+    kl_in: Literal["loss", "reward"] = F("loss", "KL as a loss term, or kl_coef·Σ_t kl_t subtracted from "
+                                                          "each response's reward before the group advantages")
     adv_norm: Literal["std", "none"] = F("std", "std: (r-mean)/(std+1e-6); none: r-mean (Dr. GRPO)")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = F(
         "token_mean", "how per-token losses are averaged")
     objective: Literal["grpo", "gspo"] = F("grpo", "token ratios (GRPO) or sequence ratios (GSPO)")
     filter_equal_groups: bool = F(False, "DAPO: drop groups whose rewards are all equal")
     tis_cap: float | None = F(None, "truncated importance sampling cap between engine and trainer log-probs")
-    max_prompt_len: int = F(4096, "prompt tokens (longer prompts are dropped and counted)")
+    max_prompt_len: int = F(4096, "prompt tokens, image tokens expanded (longer prompts are "
+                                         "dropped and counted per step)")
     max_response_len: int = F(2048, "response tokens (multi-turn: including observations)")
     truncated: Literal["mask", "penalize", "keep"] = F("mask", "what to do with trajectories cut by a limit")
     parallel: Literal["single", "fsdp2", "deepspeed"] = F("single", "single process, FSDP2 or DeepSpeed (torchrun)")
@@ -263,8 +271,8 @@ class GRPOConfig:
     freeze_vision: bool = F(True, "keep the vision tower frozen")
     save_every: int = F(50, "rollout steps between checkpoints")
     keep_last: int = F(2, "checkpoints kept")
-    sampling: SamplingConfig = F(SamplingConfig(temperature=1.0, top_p=0.99, max_new_tokens=1024, n=5),
-                                 "rollout sampling (max_new_tokens is per turn)")
+    sampling: RolloutSamplingConfig = F(RolloutSamplingConfig(temperature=1.0, top_p=0.99, max_new_tokens=1024,
+                                                              n=5), "rollout sampling (max_new_tokens is per turn)")
     val_every: int = F(0, "rollout steps between validation passes over data.rl_val (one episode per sample, logged "
                           "as val/accuracy and val/reward; also after the last step); 0: off")
     val_temperature: float = F(0.5, "sampling temperature of the validation episodes (reference val: 0.5)")

@@ -41,7 +41,7 @@ def grpo_command(
     if as_json:
         print_json(summary)
         return
-    rw = summary["rewards"]
+    rw = [x for x in summary["rewards"] if x is not None]  # None: a step skipped (every prompt too long)
     rows = [["steps", summary["steps"]], ["reward first → last", f"{rw[0]:.3f} → {rw[-1]:.3f}" if rw else "-"],
             ["model", summary["model_dir"]], ["time", f"{summary['train_s']:.1f} s"]]
     console.print(table("grpo", ["", ""], rows))

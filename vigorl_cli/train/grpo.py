@@ -84,7 +84,8 @@ def rollout_episode_config(recipe: Recipe, multi: bool) -> Any:
     from vigorl_cli.engines.base import SamplingParams
 
     g = recipe.grpo
-    return EpisodeConfig(sampling=SamplingParams.from_config(g.sampling, n=1), multiturn=multi,
+    sampling = SamplingParams.from_config(g.sampling, n=1, stop=rollout_stops(g.sampling.stop, multi))
+    return EpisodeConfig(sampling=sampling, multiturn=multi,
                          zoom=recipe.tool.zoom() if multi else None, max_turns=recipe.tool.value("max_turns"),
                          max_images=recipe.tool.value("max_images"), max_response_tokens=g.max_response_len,
                          observation_style=recipe.tool.style())
@@ -173,7 +174,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.train.batching import IGNORE, Collator, LogProbModel, rope_index_of
     from vigorl_cli.train.checkpoint import (latest_checkpoint, link_or_copy_tree, load_checkpoint,
                                              save_checkpoint)
-    from vigorl_cli.train.losses import group_advantages, informative_groups, masked_entropy_from_logp, policy_loss
+    from vigorl_cli.train.losses import (aggregate, group_advantages, informative_groups, kl_estimate,
+                                         kl_penalised_rewards, masked_entropy_from_logp, policy_loss)
     from vigorl_cli.train.metrics import make_loggers
     from vigorl_cli.train.parallel import OptimConfig, setup, teardown, wrap
 
@@ -244,8 +246,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                                                                literal_newlines=recipe.prompt.literal_newlines)
         ep_cfg = rollout_episode_config(recipe, multi)
         image_token_id = hf.config.image_token_id
-        val_cfg = dataclasses.replace(ep_cfg, sampling=SamplingParams.from_config(
-            g.sampling, n=1, temperature=g.val_temperature))
+        val_cfg = dataclasses.replace(ep_cfg, sampling=dataclasses.replace(ep_cfg.sampling,
+                                                                           temperature=g.val_temperature))
         image_cache: dict[str, tuple] = {}
 
         def load_image(s, where: list[Path]):
@@ -330,11 +332,12 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
 
         for step in range(start, g.steps):
             timing: dict[str, float] = {}
+            stats: dict[str, list[float]] = defaultdict(list)
             # ---- 1. rollout: group_size episodes per prompt --------------------------------------------------
             t0 = time.perf_counter()
             run.eval()
             idx = prompt_indices(len(samples), step, g.prompts_per_step, recipe.seed)
-            episodes, groups, image_failures = [], [], 0
+            episodes, groups, image_failures, too_long = [], [], 0, 0
             for gi, i in enumerate(idx):
                 if gi % dist.world_size != dist.rank:  # whole prompts (groups) per rank, interleaved
                     continue
@@ -344,13 +347,31 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                     image_failures += 1
                     continue
                 original, frame, shown = loaded
-                for k in range(g.group_size):
-                    episodes.append(Episode(s, shown, frame, system, processor, ep_cfg,
-                                            seed=derive_seed(recipe.seed, "grpo", step), draw=k, original=original))
-                    groups.append(gi)
-            n_eps, image_failures = dist.all_reduce_sum([len(episodes), image_failures])
+                seed = derive_seed(recipe.seed, "grpo", step)
+                group = [Episode(s, shown, frame, system, processor, ep_cfg, seed=seed, draw=k, original=original)
+                         for k in range(g.group_size)]
+                if prompt_tokens(group[0], processor) > g.max_prompt_len:  # dropped, counted (reference: filtered)
+                    too_long += 1
+                    continue
+                episodes.extend(group)
+                groups.extend([gi] * g.group_size)
+            n_eps, image_failures, too_long = (int(v) for v in dist.all_reduce_sum([len(episodes), image_failures,
+                                                                                     too_long]))
             if not n_eps:
-                raise DataError("no prompt of this step could be loaded (all images failed)")
+                if not too_long:
+                    raise DataError("no prompt of this step could be loaded (all images failed)")
+                say(f"step {step + 1}: skipped, every prompt is longer than grpo.max_prompt_len={g.max_prompt_len} "
+                    f"tokens ({too_long} dropped, {image_failures} image failures)")
+                history.append(None)
+                logger.log({"skipped": 1, "prompts_dropped_too_long": too_long, "image_failures": image_failures,
+                            "lr": constant_lr(step, g.steps, g.lr, g.warmup_ratio),
+                            "rollout_s": time.perf_counter() - t0}, step=step + 1)
+                if prog is not None:
+                    prog.update(task, completed=step + 1, stats="skipped: prompts too long")
+                if (step + 1) % g.save_every == 0 or step + 1 == g.steps:
+                    last_ckpt = save_checkpoint(ckpt_root, step + 1, run, processor, {"rewards": history},
+                                                keep_last=g.keep_last, hf_dtype=torch.bfloat16 if bf16 else None)
+                continue
             with torch.no_grad():
                 if synced:
                     run_episodes_synced(engine, episodes, dist)
@@ -362,27 +383,22 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             t0 = time.perf_counter()
             parts = [score(ep) for ep in episodes]
             rewards = torch.tensor([p["overall"] for p in parts], dtype=torch.float32)
-            truncated = torch.tensor([(not ep.ends_with_eos) or ep.finish == "budget" for ep in episodes])
-            if g.truncated == "penalize":
-                rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
-            gids = torch.tensor(groups)
-            adv = group_advantages(rewards, gids, g.adv_norm)  # [N]
-            keep = torch.ones(len(episodes), dtype=torch.bool)
-            if g.filter_equal_groups:
+            truncated = torch.tensor([is_truncated(ep) for ep in episodes], dtype=torch.bool)
+            rewards, keep = apply_truncation_policy(rewards, truncated, g.truncated)  # [N], [N]
+            gids = torch.tensor(groups, dtype=torch.long)
+            if g.filter_equal_groups:  # on the task rewards (a KL penalty would make every group informative)
                 keep &= informative_groups(rewards, gids)
-            if g.truncated == "mask":
-                keep &= ~truncated
             timing["reward_s"] = time.perf_counter() - t0
 
-            # ---- 3. training examples, old and reference log-probs ----------------------------------------------
+            # ---- 3. training examples, old and reference log-probs, advantages --------------------------------
             t0 = time.perf_counter()
-            items = []
+            items = []  # (example, episode index, engine log-probs)
             for i, ep in enumerate(episodes):
                 if not bool(keep[i]) or sum(ep.loss_mask()) == 0:
                     continue
                 ex = _expanded_example(ep, processor, image_token_id, f"{ep.sample.id}#{ep.draw}")
                 eng_lp = [v for sgm in ep.segments if sgm.kind == "sampled" for v in (sgm.logprobs or [])]
-                items.append((ex, float(adv[i]), torch.tensor(eng_lp) if eng_lp else None))
+                items.append((ex, i, torch.tensor(eng_lp) if eng_lp else None))
             # The plan: optimizer steps of responses_per_update responses (over all ranks), each of micro-batches.
             # Ranks run the same number of optimizer steps and of micro-batches in each (every forward/backward of a
             # sharded model is collective); a rank short of data runs a dummy micro-batch with zero weight.
@@ -393,9 +409,12 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             plan = [[c[k:k + g.micro_batch_size] for k in range(0, len(c), g.micro_batch_size)] for c in chunks]
             n_micro = dist.all_reduce_max([len(c) for c in plan]) if plan else []
             plan = [c + [None] * (int(n) - len(c)) for c, n in zip(plan, n_micro)]
-            prepared: list[list[tuple]] = []
+            # prepared micro-batch: [batch, episode indices (None: dummy), old, ref, engine log-probs, mask, count];
+            # the episode indices are replaced by the per-token advantages once these are known
+            prepared: list[list[list]] = []
             diff_sum = diff_n = 0.0
             with torch.no_grad():
+                # pass 1: old log-probs (trainer numerics, before the update), compared with the engine's
                 for chunk in plan:
                     prepared.append([])
                     for mb in chunk:
@@ -403,31 +422,52 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                             batch = collate([_dummy_example(collate, processor)]).to(dist.device)
                             with run.autocast():
                                 run.module(**batch.model_inputs())
-                            prepared[-1].append((batch, None, None, None, None, None, 0.0))
+                            prepared[-1].append([batch, None, None, None, None, None, 0.0])
                             continue
                         batch = collate([ex for ex, _, _ in mb]).to(dist.device)
                         with run.autocast():
                             old = run.module(**batch.model_inputs()).float()  # [B, L]
-                            refl = ref_lp(**batch.model_inputs()).float() if ref is not None else None
                         mask = (batch.targets != IGNORE)
                         engine_lp = None
                         if all(e is not None for _, _, e in mb):
                             engine_lp = _per_token(batch, [e for _, _, e in mb]).to(dist.device)
                             diff_sum += float(((old - engine_lp).abs() * mask).sum())
                             diff_n += int(mask.sum())
-                        prepared[-1].append((batch, _per_token(batch, [a for _, a, _ in mb]).to(dist.device), old,
-                                             refl, engine_lp, mask, _agg_count(mask, g.loss_agg)))
+                        prepared[-1].append([batch, [i for _, i, _ in mb], old, None, engine_lp, mask,
+                                             _agg_count(mask, g.loss_agg)])
+                _sync(dist.device)
+                timing["old_logprob_s"] = time.perf_counter() - t0
+                # pass 2: reference log-probs (the frozen reference is a full copy on every rank: no collectives)
+                t0 = time.perf_counter()
+                kl_pen = torch.zeros(len(episodes))  # [N] kl_coef·Σ_t kl_t subtracted from the reward (kl_in=reward)
+                for x in (x for c in prepared for x in c if x[1] is not None and ref is not None):
+                    batch, idx_mb, old, _, _, mask, _ = x
+                    with run.autocast():
+                        x[3] = refl = ref_lp(**batch.model_inputs()).float()  # [B, L]
+                    if g.kl_in == "reward":
+                        # verl/EasyR1 in-reward KL: token rewards minus kl_coef·kl_t (the task reward sits on the
+                        # last token), summed over the response: the sequence reward loses kl_coef·Σ_t kl_t
+                        assert not batch.packed  # one row per example
+                        per_tok = -kl_penalised_rewards(torch.zeros_like(old), old, refl, mask, g.kl_coef,
+                                                        g.kl_estimator)  # [B, L]
+                        kl_pen[torch.tensor(idx_mb)] = per_tok.sum(dim=-1).cpu()
+                        stats["kl"].append(float(aggregate(kl_estimate(old, refl, g.kl_estimator), mask, g.loss_agg)))
+                _sync(dist.device)
+                timing["ref_logprob_s"] = time.perf_counter() - t0
+            timing["logprob_s"] = timing["old_logprob_s"] + timing["ref_logprob_s"]
+            # advantages: per prompt group, from the task rewards (minus the KL penalty with kl_in=reward)
+            adv = group_advantages(rewards - kl_pen, gids, g.adv_norm)  # [N]
+            for x in (x for c in prepared for x in c if x[1] is not None):
+                x[1] = _per_token(x[0], [float(adv[i]) for i in x[1]]).to(dist.device)
             # normaliser of each optimizer step: its scored tokens (token_mean) or sequences, over all ranks, so that
             # the update does not depend on the number of ranks or micro-batches
             totals = dist.all_reduce_sum([sum(x[-1] for x in c) for c in prepared]) if prepared else []
             diff_sum, diff_n = dist.all_reduce_sum([diff_sum, diff_n])
-            timing["logprob_s"] = time.perf_counter() - t0
 
             # ---- 4. update: mini-batches of responses_per_update, micro-batches within ---------------------------
             t0 = time.perf_counter()
             run.train()
             lr = constant_lr(step, g.steps, g.lr, g.warmup_ratio)
-            stats = defaultdict(list)
             step_losses: list[float] = []
             for _ in range(g.ppo_epochs):
                 for chunk, total in zip(prepared, totals):
@@ -450,7 +490,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                         run.backward(loss, sync=last)
                         loss_sum += float(loss.detach())
                         stats["pg_loss"].append(float(out_l.pg_loss))
-                        stats["kl"].append(float(out_l.kl))
+                        if g.kl_in == "loss":
+                            stats["kl"].append(float(out_l.kl))
                         stats["clip_frac"].append(out_l.clip_frac)
                         stats["dual_clip_frac"].append(out_l.dual_clip_frac)
                         stats["entropy"].append(masked_entropy_from_logp(logp.detach(), mask))
@@ -468,7 +509,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             infos = [{"group": groups[i], "draw": ep.draw, "reward": float(rewards[i]), "parts": parts[i],
                       "tokens": ep.n_tokens(), "turns": ep.turns, "crops": len(ep.crops),
                       "uniq": len({tuple(c["point"]) for c in ep.crops}) / len(ep.crops) if ep.crops else None,
-                      "truncated": bool(tr[i]), "failures": list(ep.failures), "record": rec}
+                      "truncated": bool(tr[i]), "failures": list(ep.failures), "record": rec,
+                      "kl_penalty": float(kl_pen[i])}
                      for i, (ep, rec) in enumerate(zip(episodes, _rollout_records(episodes, parts)))]
             stat_sums = {k: (sum(v), len(v)) for k, v in stats.items()}
             n_items = len(items)
@@ -488,11 +530,14 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                  "response_tokens": mean(n_tok), "turns": mean([x["turns"] for x in infos]),
                  "crops": mean([x["crops"] for x in infos]), "unique_crop_ratio": mean(uniq) if uniq else None,
                  "truncated_frac": mean([float(x["truncated"]) for x in infos]),
-                 "trained_frac": n_items / len(infos), "image_failures": int(image_failures), "lr": lr,
+                 "trained_frac": n_items / len(infos), "image_failures": int(image_failures),
+                 "prompts_dropped_too_long": too_long, "lr": lr,
                  "loss": mean(step_losses) if step_losses else None,
                  **{k: sm / max(1, n) for k, (sm, n) in stat_sums.items()},
                  "logprob_diff_engine_vs_trainer": diff_sum / diff_n if diff_n else None,
                  **timing, "tokens_per_s": sum(n_tok) / max(1e-9, timing["rollout_s"])}
+            if g.kl_in == "reward" and ref is not None:
+                m["kl_reward_penalty"] = mean([x["kl_penalty"] for x in infos])  # mean over responses
             if synced:
                 m["world_size"] = dist.world_size
             fails = Counter(f for x in infos for f in x["failures"])
@@ -562,6 +607,52 @@ def run_episodes_synced(engine: Any, episodes: list, dist) -> None:
         for e, comps in zip(live, results):
             e.feed(comps[0] if comps else Completion([], "", None, "error", error="no completion"))
         live = [e for e in live if not e.done]
+
+
+def rollout_stops(user: list[str] | tuple[str, ...], multiturn: bool) -> tuple[str, ...]:
+    """Stop strings of every rollout turn: multi-turn always stops at ``</tool_call>``, ``</answer>``,
+    ``<|im_end|>`` (the episode loop needs them); ``grpo.sampling.stop`` adds to them, never replaces them."""
+    from vigorl_cli.agent.episode import MULTITURN_STOP
+
+    out = list(MULTITURN_STOP) if multiturn else []
+    out += [s for s in user if s and s not in out]
+    return tuple(out)
+
+
+def prompt_tokens(ep, processor) -> int:
+    """Tokens of an episode's prompt as the model sees it: each image placeholder expanded by the image's grid."""
+    from vigorl_cli.train.batching import image_token_count
+
+    return len(ep.prompt_ids) + sum(image_token_count(processor, si.image.size) - 1 for si in ep.images)
+
+
+def is_truncated(ep) -> bool:
+    """A trajectory cut by a limit: it does not end with ``<|im_end|>`` (a turn ran out of tokens), or the episode's
+    response budget ended it (reference: "samples not ending in an EOS token")."""
+    return (not ep.ends_with_eos) or ep.finish == "budget"
+
+
+def apply_truncation_policy(rewards: torch.Tensor, truncated: torch.Tensor,
+                            policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grpo.truncated`` on a step's rewards ``[N]`` and truncation flags ``[N]`` (bool): (rewards, in loss ``[N]``).
+
+    ``mask``: a truncated trajectory keeps its reward (it still counts in its group's mean and std) but is left out
+    of the loss (the reference zeroes its response mask); ``penalize``: its reward becomes 0 and it is trained on;
+    ``keep``: nothing changes."""
+    keep = torch.ones_like(truncated, dtype=torch.bool)
+    if policy == "penalize":
+        rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
+    elif policy == "mask":
+        keep = ~truncated
+    elif policy != "keep":
+        raise ValueError(f"unknown grpo.truncated policy {policy!r}; use mask, penalize or keep")
+    return rewards, keep
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a phase's wall time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _agg_count(mask: torch.Tensor, loss_agg: str) -> float:
