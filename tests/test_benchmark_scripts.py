@@ -1,0 +1,83 @@
+"""Benchmark scripts that compare us with another trainer: the configs must match and both sides must run.
+
+``benchmarks/grpo_vs_trl.py`` (issue 7, Performance): one GRPO step of ours beside TRL's ``GRPOTrainer``. On CPU with
+the tiny model this is a smoke check (the GPU numbers come from the same script on the device).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    """A script of benchmarks/ as a module (registered in sys.modules: its dataclasses need that)."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+def _trl_or_skip():
+    try:
+        import trl  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"trl is not importable ({e}); install it with `pip install --no-deps trl==1.16.0`")
+
+
+def test_grpo_vs_trl_reward_wrapper_scores_like_our_preset(tmp_path):
+    """The TRL reward function is our preset: a right answer in the answer tags scores 0.5 (accuracy weight 0.5,
+    no think/format part), a wrong one 0, and TRL's conversational completion shape is accepted."""
+    bench = _load("grpo_vs_trl")
+    cfg = bench.BenchConfig(tiny=True, steps=2, prompts=2, group=2, max_new_tokens=4, micro_batch=2,
+                            work=str(tmp_path))
+    st = bench.Setup(cfg, lambda *_: None)
+    from vigorl_cli.agent.images import load_for_model
+    from vigorl_cli.models.load import load_processor
+    from vigorl_cli.models.tiny import tiny_path
+
+    proc = load_processor(tiny_path("tiny-qwen2.5-vl"), "qwen2_5_vl")
+    i = st.order[0]
+    s = st.samples[i]
+    _, frame, shown = load_for_model(s.image_paths(st.recipe.data_root())[0], proc)
+    fn = bench.trl_reward(st, {i: (frame, shown)})
+    wrong = next(w for w in ("left", "right") if w != s.answer)
+    got = fn(prompts=None, completions=[[{"role": "assistant", "content": f"<answer> {s.answer} </answer>"}],
+                                        [{"role": "assistant", "content": f"<answer> {wrong} </answer>"}],
+                                        f"<answer> {s.answer} </answer>"],
+             sample_idx=[i, i, i])
+    assert got == [0.5, 0.0, 0.5]
+    # the prompts of both sides: our loop's order, step by step
+    assert len(st.order) == cfg.steps * cfg.prompts
+
+
+@pytest.mark.slow
+def test_grpo_vs_trl_tiny_runs_both_sides_with_matched_config(tmp_path):
+    _trl_or_skip()
+    bench = _load("grpo_vs_trl")
+    cfg = bench.BenchConfig(tiny=True, steps=2, warmup=1, prompts=2, group=2, max_new_tokens=4, micro_batch=2,
+                            work=str(tmp_path))
+    rep = bench.run(cfg, log=lambda *_: None)
+    for side in ("ours", "trl"):
+        r = rep[side]
+        assert r["steps_done"] == 2
+        assert r["responses_per_step"] == [4, 4]
+        assert r["completion_tokens_per_step"] == [16, 16]  # eos kept out: every response has max_new_tokens
+        assert r["mean_completion_len"] == 4.0
+        assert r["samples_per_s"] > 0 and r["gen_tokens_per_s"] > 0
+        assert r["samples_per_s"] == pytest.approx(4 / r["step_s"][1], rel=1e-2)
+    assert rep["matched"] == {"responses_per_step": True, "optimizer_steps": True, "completion_lengths": True,
+                              "prompt_tokens": True}
+    assert rep["trl"]["generate_calls"] == 2  # one generation batch per optimizer step, as ours
+    assert rep["trl"]["trainable_params"] > 0
+    assert max(rep["ours"]["logprob_diff_engine_vs_trainer"]) < 1e-4  # fp32 on CPU
+    md = rep["markdown"]
+    assert "| vigorl grpo |" in md and "| TRL GRPOTrainer" in md and "speedup (samples/s)" in md
