@@ -166,7 +166,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.agent.images import load_for_model
     from vigorl_cli.data.io import atomic_write_json
     from vigorl_cli.data.schema import Target
-    from vigorl_cli.engines.base import SamplingParams, derive_seed
+    from vigorl_cli.engines.base import derive_seed
     from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models import prompts
     from vigorl_cli.models.load import ModelBundle
