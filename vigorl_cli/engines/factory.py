@@ -30,7 +30,7 @@ def make_engine(backend: str, model: str, engine_cfg: Any, model_cfg: Any, seed:
         eng = VLLMEngine(str(path), dtype=model_cfg.dtype, gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
                          tensor_parallel_size=engine_cfg.tensor_parallel_size, max_model_len=engine_cfg.max_model_len,
                          enforce_eager=engine_cfg.enforce_eager, seed=seed, min_pixels=model_cfg.min_pixels,
-                         max_pixels=model_cfg.max_pixels)
+                         max_pixels=model_cfg.max_pixels, no_barrier=engine_cfg.no_barrier)
         return eng, processor
     if backend == "openai":
         from vigorl_cli.engines.openai import OpenAIEngine

