@@ -2,7 +2,8 @@
 
 The GPU-efficiency issue's "rollout generation" row (gpu-baseline.md: plain HF at B=32, 256 new tokens: 830 tok/s,
 ~33 ms per decode step, launch-bound). Ours adds per-request seeded sampling (Gumbel-max with a counter-based
-noise stream), raw log-probs and vision-token suppression; this measures what that costs or saves.
+noise stream), raw log-probs and vision-token suppression, and runs the vision tower with one attention call per
+layer (models/vision_attention.py; the plain arm keeps HF's per-window loop); this measures what that costs or saves.
 
     python benchmarks/rollout_decode.py --batch 32 --new-tokens 256         # GPU, Qwen2.5-VL-3B shape
     python benchmarks/rollout_decode.py --tiny --batch 4 --new-tokens 16    # CPU smoke test
@@ -35,6 +36,7 @@ def main() -> None:
     from vigorl_cli.engines.base import GenerationRequest, SamplingParams
     from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models.load import load_model, mm_token_type_ids
+    from vigorl_cli.models.vision_attention import set_vision_attention
 
     if args.tiny:
         bundle = load_model("tiny-qwen2.5-vl")
@@ -61,15 +63,18 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def plain():
+        set_vision_attention(model, "hf")  # plain HF: its own per-window vision attention loop
         with torch.no_grad():
             return model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
     def ours():
+        set_vision_attention(model, "auto")
         eng.dedupe_images = True
         return eng.generate(reqs)
 
     def ours_no_dedupe():
+        set_vision_attention(model, "auto")
         eng.dedupe_images = False
         return eng.generate(reqs)
 

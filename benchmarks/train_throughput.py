@@ -13,7 +13,8 @@ Variants (``--variants``; default: all):
                                back-propagates through the frozen vision tower, gpu-baseline.md pitfall 1)
   ours-padded-{ckpt,nockpt}    vigorl: Collator (per-sample M-RoPE) + LogProbModel (chunked log-prob head, logits
                                only on assistant tokens) + the single-process wrapper from vigorl_cli.train.parallel;
-                               ckpt without the vision-tower hook
+                               ckpt without the vision-tower hook; vision attention one call per layer
+                               (models/vision_attention.py; the hf variants keep HF's per-window loop)
   ours-packed-{ckpt,nockpt}    the same, padding-free: all samples of the step in one row
 
 Printed per variant: real tokens per step, padded tokens per step, step time (median of --steps after --warmup),
@@ -48,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from vigorl_cli.models.vision_attention import set_vision_attention
 from vigorl_cli.train.batching import IGNORE, Collator, Example, LogProbModel, rope_index_of
 from vigorl_cli.train.parallel import Dist, OptimConfig, wrap
 
@@ -175,6 +177,7 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
                 device: torch.device, n_lm: int) -> dict:
     impl, layout, ckpt = name.split("-")
     set_checkpointing(model, ckpt == "ckpt", naive=impl == "hf")
+    set_vision_attention(model, "hf" if impl == "hf" else "auto")  # HF's per-window loop vs one call per layer
     model.train()
     autocast = args.weights == "fp32-autocast"
     collate = collator_packed if layout == "packed" else collator_padded

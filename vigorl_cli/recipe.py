@@ -42,6 +42,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = F("auto", "auto: bfloat16 on GPU, float32 on CPU")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = F(
         "auto", "auto: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa")
+    vision_attention: Literal["auto", "hf", "batched", "varlen"] = F(
+        "auto", "vision-tower attention: batched = one sdpa call per layer over all images and windows (padded, "
+                "any device); varlen = one flash varlen call (CUDA, fp16/bf16); hf = HF's per-window loop; auto: "
+                "batched, or hf when the tower already runs flash_attention_2")
     min_pixels: int | None = F(None, "processor min pixels per image (None: the checkpoint's own setting)")
     max_pixels: int | None = F(None, "processor max pixels per image (None: the checkpoint's own setting)")
     revision: str | None = F(None, "hub revision (branch, tag or commit)")

@@ -5,6 +5,8 @@ Pitfalls handled here, once (environment.md §2):
   eagerly). Without torchvision we assemble an image-only processor from the same files; with it (or with the
   CPU shim) plain ``AutoProcessor`` is used. Video inputs are not supported on the image-only path.
 * flash-attn is used only when it is importable and a CUDA device is present; otherwise sdpa.
+* HF's sdpa/eager vision attention loops in Python over every image and window (one call each, plus a host sync per
+  layer); ``vision_attention="auto"`` replaces that with one call per layer (models/vision_attention.py).
 * ``mm_token_type_ids`` must accompany every forward pass with image tokens (Qwen2.5-VL silently falls back to
   1-D RoPE without it): :func:`mm_token_type_ids` builds it from input ids.
 """
@@ -170,8 +172,16 @@ def model_kind(config) -> str:
 
 def load_model(name_or_path: str | Path, dtype: str = "auto", attn_implementation: str = "auto",
                device: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-               revision: str | None = None, trust_remote_code: bool = False) -> ModelBundle:
-    """Load model + processor for ``name_or_path`` (hub id, local folder, or tiny-*)."""
+               revision: str | None = None, trust_remote_code: bool = False,
+               vision_attention: str = "auto") -> ModelBundle:
+    """Load model + processor for ``name_or_path`` (hub id, local folder, or tiny-*).
+
+    ``vision_attention``: auto | hf | batched | varlen (see :mod:`vigorl_cli.models.vision_attention`).
+    """
+    from vigorl_cli.models.vision_attention import MODES, set_vision_attention
+
+    if vision_attention not in MODES:
+        raise ModelError(f"unknown vision_attention {vision_attention!r}", hint="choose one of " + ", ".join(MODES))
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -193,6 +203,7 @@ def load_model(name_or_path: str | Path, dtype: str = "auto", attn_implementatio
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     model.eval()
+    set_vision_attention(model, vision_attention)
     processor = load_processor(path, kind, min_pixels=min_pixels, max_pixels=max_pixels, revision=revision,
                                trust_remote_code=trust_remote_code)
     return ModelBundle(model=model, processor=processor, path=path, kind=kind)

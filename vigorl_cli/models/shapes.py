@@ -85,13 +85,16 @@ def build_shaped(shape: str, out_dir: str | Path, dtype: str = "bfloat16", devic
 
 
 def shaped_bundle(shape: str, dtype: str = "bfloat16", device: str | None = None, max_pixels: int = 28 * 28 * 1280,
-                  attn_implementation: str = "sdpa"):
-    """The same model as :func:`build_shaped`, in memory (no multi-GB write and read back): a ModelBundle."""
+                  attn_implementation: str = "sdpa", vision_attention: str = "auto"):
+    """The same model as :func:`build_shaped`, in memory (no multi-GB write and read back): a ModelBundle.
+
+    ``vision_attention`` as in :func:`~vigorl_cli.models.load.load_model` (``hf`` for HF's per-window loop)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from vigorl_cli.models.load import ModelBundle, load_processor
     from vigorl_cli.models.tiny import VISION_SPECIAL_TOKENS, tiny_path
+    from vigorl_cli.models.vision_attention import set_vision_attention
 
     cfg, tok = shaped_config(shape)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +103,7 @@ def shaped_bundle(shape: str, dtype: str = "bfloat16", device: str | None = None
         model = AutoModelForImageTextToText.from_config(cfg, dtype=getattr(torch, dtype),
                                                         attn_implementation=attn_implementation)
     model.eval()
+    set_vision_attention(model, vision_attention)
     gc = model.generation_config
     gc.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     gc.pad_token_id = tok.pad_token_id

@@ -99,7 +99,7 @@ def build_policy(recipe: Recipe, model: str | None, log: Callable[[str], None]):
     name = model or recipe.model.name
     kw = dict(dtype="float32", attn_implementation=recipe.model.attn_implementation, device="cpu",
               min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels, revision=recipe.model.revision,
-              trust_remote_code=recipe.model.trust_remote_code)
+              trust_remote_code=recipe.model.trust_remote_code, vision_attention=recipe.model.vision_attention)
     bundle = load_model(name, **kw)
     hf = bundle.model
     if g.freeze_vision:

@@ -117,7 +117,8 @@ def build_model(recipe: Recipe, log: Callable[[str], None]):
     cfg = recipe.sft
     bundle = load_model(recipe.model.name, dtype="float32", attn_implementation=recipe.model.attn_implementation,
                         device="cpu", min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+                        revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                        vision_attention=recipe.model.vision_attention)
     hf = bundle.model
     hf.config.use_cache = False
     if cfg.freeze_vision:
