@@ -136,3 +136,31 @@ def test_deepspeed_zero3_two_ranks_match_one_process_reload_and_merge(demo_root,
     report = merge(out / "checkpoints" / "step-000004" / "state" / "deepspeed", tmp_path / "merged")
     assert report.kind == "deepspeed" and report.max_abs_diff < 1e-5
     assert _same_weights(tmp_path / "merged", out / "model") < 1e-6
+
+
+def test_deepspeed_zero2_from_a_json_config_matches_one_process_resumes_and_merges(demo_root, mixed_data,
+                                                                                   single_process, tmp_path):
+    """ZeRO-2 named by an HF-style JSON file ("auto" values): same losses as one process, a run resumed from its
+    step-2 DeepSpeed checkpoint reproduces steps 3-4, and `vigorl merge` converts the ZeRO-2 state to the HF weights."""
+    pytest.importorskip("deepspeed")
+    from vigorl_cli.merge import merge
+
+    cfg = tmp_path / "ds_z2.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                               "bf16": {"enabled": "auto"}, "zero_optimization": {
+                                   "stage": 2, "overlap_comm": False, "reduce_bucket_size": "auto"}}))
+    out = tmp_path / "zero2"
+    _torchrun(demo_root, mixed_data, out, parallel="deepspeed", deepspeed_config=str(cfg), packing=True)
+    assert _losses(out) == pytest.approx(single_process["losses"], rel=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["sft"]["deepspeed_config"] == str(cfg)
+    _reloads_and_generates(out / "model", demo_root)
+    report = merge(out / "checkpoints" / "step-000004" / "state" / "deepspeed", tmp_path / "merged")
+    assert report.kind == "deepspeed" and report.max_abs_diff < 1e-5
+    assert _same_weights(tmp_path / "merged", out / "model") < 1e-6
+
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "summary.json").unlink()
+    _torchrun(demo_root, mixed_data, out, parallel="deepspeed", deepspeed_config=str(cfg), packing=True)
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 2
+    assert _losses(out) == pytest.approx(single_process["losses"], rel=1e-5)

@@ -249,3 +249,163 @@ def test_throughput_benchmark_smoke_runs_on_cpu(tmp_path):
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in results.values())
     packed = results["ours-packed-ckpt"]
     assert packed["padded_tokens_per_step"] == packed["real_tokens_per_step"]  # no padding when packed
+
+
+def test_resume_restores_the_rng_so_dropout_continues_as_uninterrupted(demo_root, tmp_path):
+    """LoRA dropout draws from the torch RNG every step: resuming without the saved RNG state gives other masks."""
+    r = _recipe(demo_root, max_steps=4, save_every=2, keep_last=3, lr=1e-2)
+    r.sft.lora.enabled, r.sft.lora.dropout = True, 0.5
+    out = tmp_path / "run"
+    first = train(r, out=out, log=lambda *_: None)["losses"]
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed between the checkpoints of steps 2 and 4
+    (out / "summary.json").unlink()
+    again = train(r, out=out, log=lambda *_: None)
+    assert again["resumed_from"] == 2
+    assert _losses(out) == pytest.approx(first, rel=1e-6, abs=1e-6)
+    assert len(set(first)) == 4
+
+
+def test_lora_target_modules_regex_is_what_gets_adapted(demo_root):
+    from vigorl_cli.train.sft import build_model
+
+    r = _recipe(demo_root)
+    r.sft.lora.enabled = True
+    r.sft.lora.target_modules = r".*language_model.*\.q_proj"
+    hf, _ = build_model(r, log=lambda *_: None)
+    trainable = [n for n, p in hf.named_parameters() if p.requires_grad]
+    n_layers = hf.config.get_text_config().num_hidden_layers
+    assert len(trainable) == 2 * n_layers  # lora_A and lora_B of each layer's q_proj, nothing else
+    assert all(".q_proj.lora_" in n and "language_model" in n for n in trainable)
+
+
+@pytest.mark.parametrize("freeze_vision, target, message", [
+    (False, None, "freeze_vision=false"),  # LoRA on the language model only: the vision tower would stay frozen
+    (True, r".*visual.*\.qkv", "freeze_vision is true"),  # LoRA on a vision module of a tower meant to stay frozen
+])
+def test_lora_refuses_a_vision_setting_it_would_silently_ignore(demo_root, freeze_vision, target, message):
+    from vigorl_cli.errors import RecipeError
+    from vigorl_cli.train.sft import build_model
+
+    r = _recipe(demo_root)
+    r.sft.lora.enabled, r.sft.freeze_vision = True, freeze_vision
+    if target:
+        r.sft.lora.target_modules = target
+    with pytest.raises(RecipeError, match=message):
+        build_model(r, log=lambda *_: None)
+
+
+def test_lora_with_vision_targets_trains_the_vision_adapters_when_the_tower_is_not_frozen(demo_root):
+    from vigorl_cli.train.sft import build_model
+
+    r = _recipe(demo_root)
+    r.sft.lora.enabled, r.sft.freeze_vision = True, False
+    r.sft.lora.target_modules = r".*(visual.*\.qkv|language_model.*\.q_proj)"
+    hf, _ = build_model(r, log=lambda *_: None)
+    trainable = [n for n, p in hf.named_parameters() if p.requires_grad]
+    assert any("visual" in n for n in trainable) and any("language_model" in n for n in trainable)
+
+
+def test_recipe_loggers_reach_tensorboard_and_wandb(demo_root, tmp_path, monkeypatch):
+    """output.loggers: [tensorboard, wandb] → scalars of every step reach both (fakes stand in for the packages)."""
+    import types
+
+    calls: dict[str, list] = {"tb": [], "wandb": [], "init": [], "closed": []}
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls["init"].append(("tb", log_dir))
+
+        def add_scalar(self, k, v, global_step):
+            calls["tb"].append((global_step, k, v))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls["closed"].append("tb")
+
+    class Run:
+        def log(self, payload, step):
+            calls["wandb"].append((step, payload))
+
+        def finish(self):
+            calls["closed"].append("wandb")
+
+    def init(**kw):
+        calls["init"].append(("wandb", kw["project"]))
+        return Run()
+
+    def fake_module(name, **attrs):
+        import importlib.machinery
+
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        return m
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_module("torch.utils.tensorboard",
+                                                                            SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=init))
+    r = _recipe(demo_root, max_steps=2)
+    r.output.loggers, r.output.wandb_project = ["jsonl", "tensorboard", "wandb"], "proj"
+    summary = train(r, out=tmp_path / "run", log=lambda *_: None)
+    assert calls["init"] == [("tb", str(tmp_path / "run" / "tb")), ("wandb", "proj")]
+    assert sorted(calls["closed"]) == ["tb", "wandb"]
+    tb_loss = [(s, v) for s, k, v in calls["tb"] if k == "loss"]
+    assert tb_loss == [(1, pytest.approx(summary["losses"][0], abs=1e-6)),
+                       (2, pytest.approx(summary["losses"][1], abs=1e-6))]
+    steps = [(s, p) for s, p in calls["wandb"] if "loss" in p]
+    assert [s for s, _ in steps] == [1, 2] and all("lr" in p and "grad_norm" in p for _, p in steps)
+    assert [p["val_loss"] for s, p in calls["wandb"] if "val_loss" in p] == [pytest.approx(summary["val_loss"])]
+
+
+def test_a_logger_whose_package_is_missing_is_a_clear_recipe_error(tmp_path, monkeypatch):
+    from vigorl_cli.errors import RecipeError
+    from vigorl_cli.recipe import OutputConfig
+    from vigorl_cli.train.metrics import make_loggers
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    with pytest.raises(RecipeError, match="'wandb' but the wandb package is not installed"):
+        make_loggers(OutputConfig(loggers=["jsonl", "wandb"]), tmp_path, is_main=True)
+
+
+def test_gradient_clipping_scales_the_update_to_max_grad_norm():
+    from vigorl_cli.train.parallel import _clip_and_step
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.0)
+    p.grad = torch.tensor([3.0, 4.0])  # norm 5
+    norm = _clip_and_step([p], opt, max_norm=1.0, lr=1.0)  # the step's lr is set on the optimizer
+    assert norm == pytest.approx(5.0)  # reported before clipping
+    assert p.detach().tolist() == pytest.approx([-0.6, -0.8], abs=1e-6)  # the gradient was scaled to norm 1
+    assert p.grad is None
+
+
+def test_deepspeed_json_config_keeps_its_zero_stage_and_takes_our_batch_clipping_and_precision(tmp_path):
+    from vigorl_cli.errors import RecipeError
+    from vigorl_cli.train.parallel import OptimConfig, deepspeed_config
+
+    f = tmp_path / "ds_z2.json"
+    f.write_text(json.dumps({  # an HF/LLaMA-Factory style file
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1}}, "scheduler": {"type": "WarmupLR"},
+        "zero_optimization": {"stage": 2, "allgather_bucket_size": 5e8, "reduce_bucket_size": "auto",
+                              "overlap_comm": True}}))
+    ds = deepspeed_config(OptimConfig(max_grad_norm=0.5, bf16=True, grad_accum=4, micro_batch_size=2,
+                                      deepspeed_config=str(f)))
+    assert ds["zero_optimization"] == {"stage": 2, "allgather_bucket_size": 5e8, "overlap_comm": True}
+    assert "optimizer" not in ds and "scheduler" not in ds and "train_batch_size" not in ds
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
+        (2, 4, 0.5)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    z3 = deepspeed_config(OptimConfig(deepspeed_config="zero3"))["zero_optimization"]
+    assert z3["stage"] == 3 and z3["stage3_gather_16bit_weights_on_model_save"] is True
+    assert deepspeed_config(OptimConfig(deepspeed_config="zero2"))["zero_optimization"]["stage"] == 2
+    with pytest.raises(RecipeError, match="DeepSpeed config not found"):
+        deepspeed_config(OptimConfig(deepspeed_config=str(tmp_path / "nope.json")))
+    (tmp_path / "bad.json").write_text("{stage: 2")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        deepspeed_config(OptimConfig(deepspeed_config=str(tmp_path / "bad.json")))

@@ -464,3 +464,40 @@ def test_grpo_with_the_vllm_engine_pushes_weights_after_every_update(tmp_path, d
         print(f"step {m.get('step', '?')}: engine-vs-trainer log-prob diff "
               f"{m['logprob_diff_engine_vs_trainer']:.2e}, sync {m['sync_s']:.3f} s, rollout {m['rollout_s']:.2f} s")
         assert m["logprob_diff_engine_vs_trainer"] < GRPO_LOGPROB_TOL
+
+
+def test_sft_output_folder_is_served_by_vllm_as_hf_serves_it(tmp_path, demo_root, monkeypatch):
+    """`vigorl sft`'s model/ folder, with the processor files written without torchvision (the image-only stand-in,
+    as on a CPU machine), starts in vLLM and greedy-decodes what HF decodes from it — on an image above the recipe's
+    max_pixels, so vLLM must read the saved pixel limits (image processor files) from the folder."""
+    import json
+
+    import vigorl_cli.models.load as load_mod
+    from vigorl_cli.engines.hf import HFEngine
+    from vigorl_cli.engines.vllm import VLLMEngine
+    from vigorl_cli.models.load import load_model
+    from vigorl_cli.recipe import load_recipe
+    from vigorl_cli.train.sft import train
+
+    monkeypatch.setattr(load_mod, "torchvision_works", lambda: False)
+    r = load_recipe(None, [f"data.root={demo_root}", "model.max_pixels=12544", "sft.max_steps=2", "sft.lr=1e-2",
+                           "sft.micro_batch_size=2", "sft.grad_accum=1", "sft.gradient_checkpointing=false",
+                           "data.sft_train=[spatial_reasoning/MCTS_72b_reasoning_chains_train.json]"])
+    model_dir = tmp_path / "sft" / "model"
+    train(r, out=tmp_path / "sft", log=lambda *_: None)
+    pre = json.loads((model_dir / "preprocessor_config.json").read_text())
+    assert pre["processor_class"] == "Qwen2_5_VLProcessor" and pre["size"]["longest_edge"] == 12544
+    assert (model_dir / "chat_template.jinja").is_file() and (model_dir / "generation_config.json").is_file()
+
+    hf = HFEngine(load_model(str(model_dir), dtype="float32"))
+    probe = GenerationRequest(_prompt(hf.bundle.tokenizer, 1),
+                              [_image(300, 220, 5)], SamplingParams(temperature=0.0, max_new_tokens=12))
+    eng = VLLMEngine(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, limit_images=1, seed=0,
+                     sync_dir=str(tmp_path / "sync"))
+    try:
+        [[v]] = eng.generate([probe])
+    finally:
+        eng.close()
+    [[h]] = hf.generate([probe])
+    assert v.token_ids == h.token_ids
+    np.testing.assert_allclose(v.logprobs, h.logprobs, atol=LOGPROB_TOL)

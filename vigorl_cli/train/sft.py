@@ -130,6 +130,17 @@ def build_model(recipe: Recipe, log: Callable[[str], None]):
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules)
         hf = get_peft_model(hf, lora)
+        # peft freezes everything but the adapters: the vision setting is only honoured through the target regex
+        vision_adapters = [n for n, p in hf.named_parameters() if p.requires_grad and ".visual." in n]
+        if cfg.freeze_vision and vision_adapters:
+            raise RecipeError(f"sft.lora.target_modules adapts vision-tower modules ({vision_adapters[0]}, ...) but "
+                              "sft.freeze_vision is true",
+                              hint="set sft.freeze_vision=false to train them, or keep the regex on language_model")
+        if not cfg.freeze_vision and not vision_adapters:
+            raise RecipeError("sft.freeze_vision=false with LoRA trains nothing in the vision tower: "
+                              "sft.lora.target_modules adapts no vision module",
+                              hint="add vision modules to sft.lora.target_modules (e.g. '.*visual.*\\.qkv'; merge "
+                                   "before serving with vLLM), or keep sft.freeze_vision=true")
     if cfg.gradient_checkpointing:
         base = hf.get_base_model() if cfg.lora.enabled else hf
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
