@@ -166,6 +166,32 @@ def test_overlay_draws_points_crops_and_gt_in_the_original_frame(eval_run):
     assert not (bx1 <= ax <= bx2 + 1 and by1 <= ay <= by2 + 1)
 
 
+def test_each_crop_is_shown_as_the_window_the_model_saw(eval_run):
+    """Below the image, one view per crop: the crop window of the embedded thumbnail, scaled so that the window's
+    longer side is CROP_VIEW px (background size and offset hand-computed from window_original)."""
+    from vigorl_cli.eval.view import CROP_VIEW
+
+    _, out = eval_run
+    page, _ = render_view(out)
+    recs = _records(out)
+    g0 = _card_html(page, "g0")
+    (W, H), _ = BOXES["g0"]
+    crops = recs["g0"]["crops"]
+    views = re.findall(r'<figure class="cropv"><div class="(im\d+)" style="width:([\d.]+)px;height:([\d.]+)px;'
+                       r'background-size:([\d.]+)px ([\d.]+)px;background-position:(-?[\d.]+)px (-?[\d.]+)px"', g0)
+    assert len(views) == len(crops) >= 1
+    thumb_cls = re.search(r'<div class="thumb (im\d+)"', g0).group(1)
+    for (cls, w, h, bw, bh, bx, by), c in zip(views, crops):
+        left, top, right, bottom = c["window_original"]
+        s = CROP_VIEW / max(right - left, bottom - top)
+        assert cls == thumb_cls  # the same embedded image, not a second copy
+        got = [float(v) for v in (w, h, bw, bh, bx, by)]
+        assert got == pytest.approx([(right - left) * s, (bottom - top) * s, W * s, H * s, -left * s, -top * s],
+                                    abs=0.01)
+        assert max(got[0], got[1]) == pytest.approx(CROP_VIEW, abs=0.01)
+    assert "cropv" not in _card_html(page, "g1") or recs["g1"].get("crops")  # no crops, no views
+
+
 def test_only_limit_and_the_accepted_layouts(eval_run, tmp_path):
     root, out = eval_run
     for only, ids in (("correct", {"g0"}), ("wrong", {"g1", "g2", "g3"}), ("failed", {"g2", "g3"})):

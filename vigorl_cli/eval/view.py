@@ -19,7 +19,8 @@ What it draws, per record (the fields :func:`vigorl_cli.eval.runner.evaluate` wr
   every ``(x, y)`` the model wrote in its turn texts (red, numbered; points inside ``<answer>`` as a magenta ring),
   mapped from the model-input frame (``record["frame"]``) with ``Frame.to_original(..., exact=True, check=False)``;
   each crop window the model asked for (blue, dashed, ``crops[i].window_original``) with its requested point;
-  the ground truth when it is a box or a point (green);
+  the ground truth when it is a box or a point (green); below the image, each crop window as its own view (cut
+  from the same embedded thumbnail by CSS size and offset, so no second copy of the image is stored);
 * the question, the model's text per turn (escaped; points highlighted with the overlay's numbers), the answer,
   score, failure kinds, crop hit, finish reason and tokens.
 
@@ -360,6 +361,31 @@ def _turn_html(text: str, row: list[tuple[Any, _Point]]) -> str:
     return "".join(out)
 
 
+CROP_VIEW = 128  # screen pixels on the longer side of a crop view
+
+
+def _crop_views(cls: str, thumb: tuple[int, int], size: tuple[int, int], crops: list[dict]) -> str:
+    """What each crop showed the model: its window of the sample's image, cut from the embedded thumbnail (no second
+    copy of the image) by CSS background size and offset, ``CROP_VIEW`` px on its longer side."""
+    tw, th = thumb
+    W, H = size
+    views = []
+    for i, c in enumerate(crops, 1):
+        try:
+            left, top, right, bottom = (float(v) for v in c.get("window_original"))
+        except (TypeError, ValueError):
+            continue
+        w, h = right - left, bottom - top
+        if w <= 0 or h <= 0:
+            continue
+        s = CROP_VIEW / max(w, h)  # screen pixels per original pixel
+        views.append(f'<figure class="cropv"><div class="{cls}" style="width:{_num(w * s)}px;height:{_num(h * s)}px;'
+                     f'background-size:{_num(W * s)}px {_num(H * s)}px;'
+                     f'background-position:{_num(-left * s)}px {_num(-top * s)}px" role="img" '
+                     f'aria-label="crop {i}"></div><figcaption>crop {i}</figcaption></figure>')
+    return f'<div class="crops">{"".join(views)}</div>' if views else ""
+
+
 def _svg(W: int, H: int, tw: int, th: int, pts: list[_Point], crops: list[dict], gt: str | None) -> str:
     """Overlay in original pixels (viewBox = the original image), scaled to the thumbnail's size."""
     k = max(W / tw, H / th)  # original pixels per screen pixel
@@ -476,7 +502,7 @@ def _card(r: dict, group: str, images: _Images, extra_roots: list[Path], used: s
     per_turn, pts = _turn_points(r, frame)
     crops = [c for c in (r.get("crops") or []) if isinstance(c, dict)]
     overlay = _svg(W, H, tw, tht, pts, crops, r.get("gt")) if (th is not None or frame is not None) else ""
-    img_html = f'{bg}{overlay}</div>{note}'
+    img_html = f'{bg}{overlay}</div>{note}' + (_crop_views(th[0], (tw, tht), (W, H), crops) if th is not None else "")
 
     # text
     status = "correct" if correct else "wrong"
@@ -545,7 +571,7 @@ margin:0 0 14px;padding:10px 12px}.card.correct{border-left-color:#2e7d32}.card.
 font-family:ui-monospace,monospace}.draw,.bn{color:#667;font-size:12px}.badge{border-radius:4px;padding:1px 7px;
 font-size:12px;font-weight:600}.badge.correct{background:#e3f1e4;color:#1b5e20}.badge.wrong{background:#fbe4e4;
 color:#8e1c1c}.badge.fail{background:#fff1d6;color:#7a4a00}.body{display:flex;gap:14px;flex-wrap:wrap}
-.imgcol{flex:none}.thumb{position:relative;background-size:100% 100%;background-repeat:no-repeat;
+.imgcol{flex:none}.crops{display:flex;flex-wrap:wrap;gap:6px;margin-top:6px}.cropv{margin:0}.cropv div{background-repeat:no-repeat;border:1px dashed #2962ff}.cropv figcaption{font-size:11px;color:#555}.thumb{position:relative;background-size:100% 100%;background-repeat:no-repeat;
 border:1px solid #ccc}.thumb .ov{position:absolute;left:0;top:0;overflow:hidden}.thumb.missing{background:
 repeating-linear-gradient(45deg,#e4e4e4,#e4e4e4 10px,#d6d6d6 10px,#d6d6d6 20px)}.thumb.missing span{position:absolute;
 left:6px;bottom:6px;right:6px;font-size:12px;color:#444;background:#ffffffd0;padding:2px 4px;word-break:break-all}
