@@ -364,10 +364,9 @@ def _turn_html(text: str, row: list[tuple[Any, _Point]]) -> str:
 CROP_VIEW = 128  # screen pixels on the longer side of a crop view
 
 
-def _crop_views(cls: str, thumb: tuple[int, int], size: tuple[int, int], crops: list[dict]) -> str:
+def _crop_views(cls: str, size: tuple[int, int], crops: list[dict]) -> str:
     """What each crop showed the model: its window of the sample's image, cut from the embedded thumbnail (no second
     copy of the image) by CSS background size and offset, ``CROP_VIEW`` px on its longer side."""
-    tw, th = thumb
     W, H = size
     views = []
     for i, c in enumerate(crops, 1):
@@ -502,7 +501,7 @@ def _card(r: dict, group: str, images: _Images, extra_roots: list[Path], used: s
     per_turn, pts = _turn_points(r, frame)
     crops = [c for c in (r.get("crops") or []) if isinstance(c, dict)]
     overlay = _svg(W, H, tw, tht, pts, crops, r.get("gt")) if (th is not None or frame is not None) else ""
-    img_html = f'{bg}{overlay}</div>{note}' + (_crop_views(th[0], (tw, tht), (W, H), crops) if th is not None else "")
+    img_html = f'{bg}{overlay}</div>{note}' + (_crop_views(th[0], (W, H), crops) if th is not None else "")
 
     # text
     status = "correct" if correct else "wrong"
