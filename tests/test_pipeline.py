@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from typer.testing import CliRunner
 
 from vigorl_cli.cli.main import app
@@ -85,3 +87,25 @@ def test_multiturn_pipeline_trains_sft_on_the_zoom_dialogs(tmp_path):
     run1, r1 = _run_with_trees(tmp_path / "single", "single")
     info1 = run_pipeline(r1, out=run1, start="linearize", stop="linearize", log=lambda *_: None)
     assert info1["linearize"]["train"] == [str(run1 / "linearize" / "reasoning_chains_train.json")]
+
+
+def test_data_stage_generates_a_missing_demo_root_and_refuses_a_missing_real_one(tmp_path):
+    """The README's first command starts from nothing: the data stage writes the demo set (every file the recipe
+    reads); a real recipe's missing files are a one-line error naming `vigorl data pull`, nothing downloaded."""
+    from vigorl_cli.errors import DataError
+    from vigorl_cli.pipeline import stage_data
+    from vigorl_cli.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / "demo.yaml", [f"data.root={tmp_path / 'data' / 'demo'}"])
+    got = stage_data(r, tmp_path / "run", log=lambda *_: None)
+    files = [*r.data.mcts, *r.data.sft_train, *r.data.rl_train]
+    assert got["files"] == files and files
+    for f in files:
+        assert (tmp_path / "data" / "demo" / f).stat().st_size > 0
+    assert stage_data(r, tmp_path / "run", log=lambda *_: None) == got  # second call: nothing to do
+
+    real = load_recipe(ROOT / "recipes" / "spatial.yaml", [f"data.root={tmp_path / 'vigorl'}"])
+    with pytest.raises(DataError, match="data files not found") as e:
+        stage_data(real, tmp_path / "run2", log=lambda *_: None)
+    assert "vigorl data pull" in (e.value.hint or "")
+    assert not (tmp_path / "vigorl").exists()
