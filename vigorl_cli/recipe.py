@@ -77,7 +77,14 @@ class PromptConfig:
 # In eval an unset key means "the benchmark's own setting" (its zoom preset and turn limit).
 TOOL_DEFAULTS: dict[str, Any] = {"offset": 182, "crop_size": 672, "draw_dot": False, "max_turns": 5,
                                  "max_images": 5}
-OBSERVATION_STYLES = ("auto", "rl", "sft", "eval")
+
+
+def resolve_observation_style(style: str, compat_eval: bool = False) -> str:
+    """``tool.observation_style`` in effect: ``auto`` → ``rl`` (what the released RL checkpoints were trained with),
+    or ``eval`` (the reference eval wrapper's text) for reference-compatible evaluation; other styles as given."""
+    if style != "auto":
+        return style
+    return "eval" if compat_eval else "rl"
 
 
 @dataclass
@@ -111,10 +118,8 @@ class ToolConfig:
                         draw_dot=self.value("draw_dot"))
 
     def style(self, compat_eval: bool = False) -> str:
-        """The observation style to use: ``auto`` → ``rl``, or ``eval`` for reference-compatible evaluation."""
-        if self.observation_style != "auto":
-            return self.observation_style
-        return "eval" if compat_eval else "rl"
+        """The observation style to use (:func:`resolve_observation_style`)."""
+        return resolve_observation_style(self.observation_style, compat_eval)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from vigorl_cli.eval.benchmarks import (
     reference_target,
 )
 from vigorl_cli.models import prompts
+from vigorl_cli.recipe import resolve_observation_style
 from vigorl_cli.rewards.judges import judge_in_frame
 from vigorl_cli.vision.frames import Frame
 from vigorl_cli.vision.zoom import ZoomTool
@@ -103,7 +104,7 @@ def episode_config(bench: Benchmark, st: EvalSettings, multi: bool) -> EpisodeCo
             explicit = {}
         zoom = ZoomTool.preset(bench.zoom, source=st.zoom_source,
                                **{k: v for k, v in explicit.items() if v is not None})
-    style = st.observation_style if st.observation_style != "auto" else ("eval" if st.compat else "rl")
+    style = resolve_observation_style(st.observation_style, compat_eval=st.compat)
     return EpisodeConfig(sampling=st.sampling, multiturn=multi, zoom=zoom,
                          max_turns=_setting(bench, "max_turns", st.max_turns),
                          max_images=_setting(bench, "max_images", st.max_images),
