@@ -250,11 +250,11 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         image_token_id = hf.config.image_token_id
         val_cfg = dataclasses.replace(ep_cfg, sampling=dataclasses.replace(ep_cfg.sampling,
                                                                            temperature=g.val_temperature))
-        image_cache: dict[str, tuple] = {}
+        image_cache: dict[tuple, tuple] = {}  # (roots searched, sample id) -> load_for_model's result
 
         def load_image(s, where: list[Path]):
             """``(original, frame, shown)`` of the sample's image (cached), or None when it cannot be loaded."""
-            key = f"{id(where)}:{s.id}"
+            key = (tuple(where), s.id)
             try:
                 if key not in image_cache:
                     path = s.image_paths(where[0])[0]
@@ -280,6 +280,14 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             r = reward(inp)
             return r if isinstance(r, dict) else {"overall": float(r)}
 
+        def roll(eps: list) -> None:
+            """Run episodes to completion with the current policy (ranks in lockstep when the model is sharded)."""
+            with torch.no_grad():
+                if synced:
+                    run_episodes_synced(engine, eps, dist)
+                else:
+                    run_episodes(engine, eps)
+
         def validate(step_no: int) -> dict[str, float]:
             """One episode per data.rl_val sample with the current policy: mean reward and accuracy (all ranks)."""
             eps, failed = [], 0
@@ -294,11 +302,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 eps.append(Episode(s, shown, frame, system, processor, val_cfg,
                                    seed=derive_seed(recipe.seed, "grpo-val", step_no), draw=0, original=original))
             run.eval()
-            with torch.no_grad():
-                if synced:
-                    run_episodes_synced(engine, eps, dist)
-                else:
-                    run_episodes(engine, eps)
+            roll(eps)
             vparts = [score(ep) for ep in eps]
             sums = [sum(p["overall"] for p in vparts), sum(p.get("accuracy", p["overall"]) for p in vparts),
                     float(len(eps)), float(failed)]
@@ -374,11 +378,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                     last_ckpt = save_checkpoint(ckpt_root, step + 1, run, processor, {"rewards": history},
                                                 keep_last=g.keep_last, hf_dtype=torch.bfloat16 if bf16 else None)
                 continue
-            with torch.no_grad():
-                if synced:
-                    run_episodes_synced(engine, episodes, dist)
-                else:
-                    run_episodes(engine, episodes)
+            roll(episodes)
             timing["rollout_s"] = time.perf_counter() - t0
             if backend == "vllm":  # colocated: free the engine's GPU memory for the update (no-op without sleep mode)
                 engine.sleep(recipe.engine.sleep_level)
