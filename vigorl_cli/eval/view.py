@@ -361,6 +361,16 @@ def _turn_html(text: str, row: list[tuple[Any, _Point]]) -> str:
     return "".join(out)
 
 
+def _crop_window(c: Any) -> tuple[float, float, float, float] | None:
+    """A crop record's ``window_original`` as ``(left, top, right, bottom)`` floats, or None when it has none."""
+    win = c.get("window_original") if isinstance(c, dict) else None
+    try:
+        left, top, right, bottom = (float(v) for v in win)
+    except (TypeError, ValueError):
+        return None
+    return left, top, right, bottom
+
+
 CROP_VIEW = 128  # screen pixels on the longer side of a crop view
 
 
@@ -370,10 +380,10 @@ def _crop_views(cls: str, size: tuple[int, int], crops: list[dict]) -> str:
     W, H = size
     views = []
     for i, c in enumerate(crops, 1):
-        try:
-            left, top, right, bottom = (float(v) for v in c.get("window_original"))
-        except (TypeError, ValueError):
+        win = _crop_window(c)
+        if win is None:
             continue
+        left, top, right, bottom = win
         w, h = right - left, bottom - top
         if w <= 0 or h <= 0:
             continue
@@ -404,12 +414,11 @@ def _svg(W: int, H: int, tw: int, th: int, pts: list[_Point], crops: list[dict],
                      f'<line x1="{_num(cx - r)}" y1="{_num(cy)}" x2="{_num(cx + r)}" y2="{_num(cy)}"/>'
                      f'<line x1="{_num(cx)}" y1="{_num(cy - r)}" x2="{_num(cx)}" y2="{_num(cy + r)}"/></g>')
     for i, c in enumerate(crops, 1):
-        win = c.get("window_original") if isinstance(c, dict) else None
-        try:
-            left, top, right, bottom = (float(v) for v in win)
-        except (TypeError, ValueError):
+        win = _crop_window(c)
+        if win is None:
             continue
-        parts.append(f'<g class="crop"><title>crop {i}: window {_fmt_xy(win)}</title>'
+        left, top, right, bottom = win
+        parts.append(f'<g class="crop"><title>crop {i}: window {_fmt_xy(c["window_original"])}</title>'
                      f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" '
                      f'height="{_num(bottom - top)}" fill="none" stroke="{C_CROP}" {sw} '
                      f'stroke-dasharray="{_num(6 * k)} {_num(4 * k)}"/>'
