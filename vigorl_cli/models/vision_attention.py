@@ -35,6 +35,7 @@ no weights or state-dict keys change.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -119,8 +120,10 @@ def batched_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0,
     return out if p.slot is None else out.index_select(0, p.slot)
 
 
+@functools.cache
 def _varlen_kernel():
-    """``(name, fn)`` of the varlen flash kernel this process can use, or None. flash-attn first, then torch's."""
+    """``(name, fn)`` of the varlen flash kernel this process can use, or None. flash-attn first, then torch's.
+    Looked up once per process (every vision layer of every forward asks)."""
     if importlib.util.find_spec("flash_attn") is not None:
         try:
             from flash_attn import flash_attn_varlen_func
@@ -133,6 +136,12 @@ def _varlen_kernel():
     except ImportError:
         return None
     return "torch", varlen_attn
+
+
+@functools.cache
+def _takes_scale(fn) -> bool:
+    """Whether torch's ``varlen_attn`` takes ``scale`` (older releases use the default scale only)."""
+    return "scale" in inspect.signature(fn).parameters
 
 
 def varlen_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, max_seqlen: int | None = None):
@@ -151,7 +160,7 @@ def varlen_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, 
         return fn(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, softmax_scale=scale, causal=False)
     if dropout_p:
         return batched_attention(q, k, v, cu_seqlens, scale, dropout_p, max_seqlen)
-    if "scale" in inspect.signature(fn).parameters:
+    if _takes_scale(fn):
         return fn(q, k, v, cu, cu, max_len, max_len, scale=scale)
     if abs(scale - q.shape[-1] ** -0.5) > 1e-12:  # older torch: default scale only
         return batched_attention(q, k, v, cu_seqlens, scale, dropout_p, max_seqlen)
