@@ -15,10 +15,21 @@ Variants (``--variants``; default: all):
                                only on assistant tokens) + the single-process wrapper from vigorl_cli.train.parallel;
                                ckpt without the vision-tower hook; vision attention one call per layer
                                (models/vision_attention.py; the hf variants keep HF's per-window loop)
-  ours-packed-{ckpt,nockpt}    the same, padding-free: all samples of the step in one row
+  ours-packed-{ckpt,nockpt}    the same, padding-free: all samples of the step in one row; attention per sample in
+                               one causal sdpa call (models/packed_attention.py), no T×T mask
+  ours-packed-*-compile        the same with ``model.compile`` (regional torch.compile of every decoder layer and
+                               vision block; models/compile.py); compile time is spent in the warm-up steps
+  hf-logprob-nockpt            the GRPO old/ref log-prob pass, forward only: plain HF ``model(...,
+                               logits_to_keep=K).logits`` (K = longest reply + 1, as TRL does), fp32 log-softmax
+                               row by row, gather; HF's per-window vision attention
+  ours-logprob-nockpt[-compile]  ``LogProbModel`` forward on a packed batch under no_grad (what vigorl grpo runs)
+
+The default set is the training variants; the log-prob variants are run by ``--variants`` (use --min-len 2048
+--batch 16 for gpu-baseline.md's 16 × 2048 shape).
 
 Printed per variant: real tokens per step, padded tokens per step, step time (median of --steps after --warmup),
-tokens/s (real tokens), peak GPU memory, MFU = 6 · N_LM · real tokens / time / --peak-tflops (N_LM: language-model
+tokens/s (real tokens), peak GPU memory, MFU = 6 · N_LM · real tokens / time / --peak-tflops (2 · N_LM for the
+forward-only log-prob variants; N_LM: language-model
 parameters with the tied embedding counted once, as in gpu-baseline.md; the frozen vision forward, the attention
 flops and the checkpoint recompute are not counted), and for ours the CPU collate time per step (not in the step
 time: both sides get their batches built beforehand).
@@ -49,12 +60,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from vigorl_cli.models.compile import compile_blocks, uncompile
 from vigorl_cli.models.vision_attention import set_vision_attention
 from vigorl_cli.train.batching import IGNORE, Collator, Example, LogProbModel, rope_index_of
 from vigorl_cli.train.parallel import Dist, OptimConfig, wrap
 
 VARIANTS = ["hf-padded-ckpt", "hf-padded-nockpt", "ours-padded-ckpt", "ours-padded-nockpt", "ours-packed-ckpt",
-            "ours-packed-nockpt"]
+            "ours-packed-nockpt", "ours-packed-ckpt-compile", "ours-packed-nockpt-compile",
+            "hf-logprob-nockpt", "ours-logprob-nockpt", "ours-logprob-nockpt-compile"]
+DEFAULT_VARIANTS = VARIANTS[:8]
 T0 = time.perf_counter()
 
 # Qwen2.5-VL-3B-Instruct token ids; random text ids are drawn below the special-token range.
@@ -175,16 +189,40 @@ def set_checkpointing(model, on: bool, naive: bool) -> None:
 
 def run_variant(name: str, model, steps: list[list[Example]], collator_padded, collator_packed, args,
                 device: torch.device, n_lm: int) -> dict:
-    impl, layout, ckpt = name.split("-")
+    impl, layout, ckpt, *extra = name.split("-")
+    compiled = extra == ["compile"]
     set_checkpointing(model, ckpt == "ckpt", naive=impl == "hf")
     set_vision_attention(model, "hf" if impl == "hf" else "auto")  # HF's per-window loop vs one call per layer
+    model.config.text_config._attn_implementation = "sdpa"  # LogProbModel below switches ours to vigorl_sdpa
     model.train()
     autocast = args.weights == "fp32-autocast"
-    collate = collator_packed if layout == "packed" else collator_padded
+    collate = collator_packed if layout == "packed" or (layout == "logprob" and impl == "ours") else collator_padded
     t = time.perf_counter()
     batches = [collate(ex) for ex in steps]
     collate_ms = 1e3 * (time.perf_counter() - t) / len(steps)
-    if impl == "hf":
+    if impl == "hf" and layout == "logprob":
+        keep = max(sum(t != IGNORE for t in ex.labels) for exs in steps for ex in exs) + 1
+
+        def hf_lp_inputs(b):
+            return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, mm_token_type_ids=b.mm_token_type_ids,
+                        pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw, use_cache=False)
+
+        targets = [b.targets for b in batches]
+        batches = [hf_lp_inputs(b) for b in batches]
+
+        def step(b, i=[0]):
+            inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            tgt = targets[i[0] % len(targets)][:, -keep:].to(device)
+            i[0] += 1
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(**inputs, logits_to_keep=keep).logits  # [B, keep, V]
+                out = torch.zeros(tgt.shape, device=device)
+                for r in range(logits.shape[0]):  # fp32 log-softmax one row at a time (gpu-baseline.md)
+                    lp = torch.log_softmax(logits[r].float(), -1)
+                    out[r] = lp.gather(-1, tgt[r].clamp(min=0)[:, None])[:, 0]
+            return out.sum()
+
+    elif impl == "hf":
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
 
@@ -208,9 +246,21 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
             opt.zero_grad(set_to_none=True)
             return loss
 
+    elif layout == "logprob":
+        lp_model = LogProbModel(model, chunk_size=args.chunk).eval()
+        if compiled:
+            compile_blocks(lp_model)
+
+        def step(b):
+            b = b.to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return lp_model(**b.model_inputs()).sum()
+
     else:
-        run = wrap(LogProbModel(model, chunk_size=args.chunk), Dist("single", 0, 1, 0, device),
-                   OptimConfig(lr=1e-6, bf16=autocast))
+        lp_model = LogProbModel(model, chunk_size=args.chunk)
+        if compiled:
+            compile_blocks(lp_model)
+        run = wrap(lp_model, Dist("single", 0, 1, 0, device), OptimConfig(lr=1e-6, bf16=autocast))
 
         def step(b):
             b = b.to(device)
@@ -237,6 +287,8 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
         status = "ok"
     except torch.OutOfMemoryError:
         status = "OOM"
+    if compiled:
+        uncompile(model)  # the next variant runs eager
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     res = {"variant": name, "status": status, "real_tokens_per_step": statistics.mean(real[args.warmup:]),
            "padded_tokens_per_step": statistics.mean(padded[args.warmup:]), "peak_gib": peak,
@@ -244,15 +296,16 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
     if status == "ok":
         dt = statistics.median(times)
         tok = statistics.mean(real[args.warmup:])
+        flops_per_token = (2 if layout == "logprob" else 6) * n_lm  # forward only: 2·N
         res.update(step_s=dt, step_times_s=times, tokens_per_s=tok / dt, loss=float(loss.detach()),
-                   mfu=6 * n_lm * tok / dt / (args.peak_tflops * 1e12))
+                   mfu=flops_per_token * tok / dt / (args.peak_tflops * 1e12))
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (smoke test)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated; all: " + ", ".join(VARIANTS))
     ap.add_argument("--batch", type=int, default=None, help="samples per optimizer step (default 4; tiny 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="longest sample (default 2048; tiny 256)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest sample (default seq-len / 2)")

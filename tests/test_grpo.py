@@ -475,7 +475,10 @@ def test_multiturn_grpo_step_with_a_zoom_crop(tmp_path, demo_root, monkeypatch):
 
     def capture_forward(self, *a, **kw):
         if kw.get("image_grid_thw") is not None and kw.get("input_ids") is not None:
-            grids.append((kw["input_ids"].shape[0], kw["image_grid_thw"].shape[0]))
+            pos = kw.get("position_ids")
+            packed = pos is not None and pos.shape[0] == 4  # one row; row 0 restarts at 0 for every sequence
+            rows = int((pos[0, 0] == 0).sum()) if packed else kw["input_ids"].shape[0]
+            grids.append((rows, kw["image_grid_thw"].shape[0]))
         return orig_fwd(self, *a, **kw)
 
     monkeypatch.setattr(hf_mod, "HFEngine", make_engine)
@@ -568,3 +571,25 @@ def test_grpo_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_run
     for a, b in zip(got, want):
         for k in ("reward", "loss", "grad_norm", "kl", "pg_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+@pytest.mark.parametrize("variant", [("grpo.loss_agg=seq_mean_token_mean", "grpo.objective=gspo"),
+                                     ("grpo.kl_in=reward", "grpo.loss_agg=token_mean")])
+def test_packed_and_padded_micro_batches_give_the_same_step(tmp_path, demo_root, variant):
+    """grpo.packing only changes how trajectories reach the model: sequence aggregation, GSPO's sequence ratios and
+    the in-reward KL still see one row per trajectory (train/grpo.py _rows), so one step is the same either way."""
+    from vigorl_cli.train.grpo import train
+
+    got = {}
+    for packing in ("true", "false"):
+        r = _recipe(demo_root, "grpo.steps=1", "grpo.lr=1e-2", "grpo.save_every=100", f"grpo.packing={packing}",
+                    *variant)
+        out = tmp_path / packing
+        train(r, out=out, reward_fn=vowel_reward, log=lambda *_: None)
+        got[packing] = _metrics(out)[0]
+    a, b = got["true"], got["false"]
+    for key in ("reward", "loss", "kl", "grad_norm", "entropy", "clip_frac", "logprob_diff_engine_vs_trainer"):
+        if a.get(key) is None and b.get(key) is None:
+            continue
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert a["loss"] != 0.0 and a["grad_norm"] > 0.0

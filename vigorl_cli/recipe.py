@@ -46,6 +46,9 @@ class ModelConfig:
         "auto", "vision-tower attention: batched = one sdpa call per layer over all images and windows (padded, "
                 "any device); varlen = one flash varlen call (CUDA, fp16/bf16); hf = HF's per-window loop; auto: "
                 "batched, or hf when the tower already runs flash_attention_2")
+    compile: bool = F(False, "sft/grpo: torch.compile each decoder layer and vision block (regional; fuses norms, "
+                             "rotary and activations; attention stays eager); costs compile time on the first steps; "
+                             "single process or fsdp2")
     min_pixels: int | None = F(None, "processor min pixels per image (None: the checkpoint's own setting)")
     max_pixels: int | None = F(None, "processor max pixels per image (None: the checkpoint's own setting)")
     revision: str | None = F(None, "hub revision (branch, tag or commit)")
@@ -283,6 +286,8 @@ class GRPOConfig:
     truncated: Literal["mask", "penalize", "keep"] = F("mask", "what to do with trajectories cut by a limit")
     parallel: Literal["single", "fsdp2", "deepspeed"] = F("single", "single process, FSDP2 or DeepSpeed (torchrun)")
     gradient_checkpointing: bool = F(True, "recompute activations in backward")
+    packing: bool = F(True, "padding-free micro-batches (one row of concatenated trajectories) for the log-prob "
+                            "passes and the update; false: right-padded rows")
     freeze_vision: bool = F(True, "keep the vision tower frozen")
     save_every: int = F(50, "rollout steps between checkpoints")
     keep_last: int = F(2, "checkpoints kept")

@@ -167,6 +167,15 @@ def varlen_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, 
     return fn(q, k, v, cu, cu, max_len, max_len)
 
 
+@functools.cache
+def _eager_attend(kernel: str):
+    """The attention function of ``kernel``, run eagerly under ``torch.compile`` (its plan cache is Python state
+    keyed by tensor identity; a compiled block breaks its graph here: models/compile.py)."""
+    import torch
+
+    return torch.compiler.disable(varlen_attention if kernel == "varlen" else batched_attention)
+
+
 class _OneCallVisionAttention:
     """Mixin: HF's vision-attention forward with the per-segment loop replaced by one call."""
 
@@ -179,8 +188,7 @@ class _OneCallVisionAttention:
         cos, sin = position_embeddings
         q, k = type(self)._rope(q, k, cos, sin)
         dropout = self.attention_dropout if self.training else 0.0
-        attend = varlen_attention if self._vigorl_kernel == "varlen" else batched_attention
-        out = attend(q, k, v, cu_seqlens, self.scaling, dropout, max_seqlen)
+        out = self._vigorl_attend(q, k, v, cu_seqlens, self.scaling, dropout, max_seqlen)
         return self.proj(out.reshape(n, -1).contiguous())
 
 
@@ -246,9 +254,11 @@ def set_vision_attention(model, mode: str = "auto") -> str:
         if effective == "hf":
             mod.__class__ = base
             mod.__dict__.pop("_vigorl_kernel", None)
+            mod.__dict__.pop("_vigorl_attend", None)
         else:
             mod.__class__ = _subclass(base)
             mod._vigorl_kernel = effective
+            mod._vigorl_attend = _eager_attend(effective)
     return effective
 
 

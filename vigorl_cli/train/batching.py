@@ -22,6 +22,7 @@ What a training forward needs, built once here for SFT and GRPO alike:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -412,10 +413,17 @@ class LogProbModel(nn.Module):
     whose ``hf`` attribute is saved with ``save_pretrained``.
     """
 
-    def __init__(self, hf_model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, hf_model: nn.Module, chunk_size: int = 1024, packed_attention: bool = True):
+        """``packed_attention``: switch an sdpa language model to ``vigorl_sdpa`` (models/packed_attention.py), so
+        packed rows attend per sample in one causal call instead of through a T×T block mask; unpacked forwards
+        are unchanged."""
         super().__init__()
         self.hf = hf_model
         self.chunk_size = chunk_size
+        if packed_attention:
+            from vigorl_cli.models.packed_attention import install_packed_attention
+
+            install_packed_attention(hf_model)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, mm_token_type_ids=None, targets=None,
                 pixel_values=None, image_grid_thw=None, temperature: float = 1.0, with_entropy: bool = False,
@@ -426,10 +434,18 @@ class LogProbModel(nn.Module):
         module's forward, FSDP2 gathers the root's parameters around generation and its blocks' per forward)."""
         if generate is not None:
             return self.hf.generate(**generate)
+        from vigorl_cli.models.packed_attention import PLAN_KWARG, packed_segments, uses_packed_attention
+
         _, backbone, lm_head = hf_parts(self.hf)
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
-                          image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state  # [B, L, H]
+        packed = position_ids is not None and position_ids.shape[0] == 4 and attention_mask is None
+        segments, extra = contextlib.nullcontext(), {}
+        if packed and uses_packed_attention(self.hf):  # per-sample causal attention without a T×T mask
+            segments = packed_segments(position_ids[0])
+            extra = {PLAN_KWARG: segments.plan}
+        with segments:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
+                              image_grid_thw=image_grid_thw, use_cache=False, **extra).last_hidden_state  # [B, L, H]
         scored = targets != IGNORE  # [B, L]
         h = hidden[scored]  # [N, H] only the positions the loss sees
         tgt = targets[scored]  # [N]

@@ -119,24 +119,30 @@ def build_policy(recipe: Recipe, model: str | None, log: Callable[[str], None]):
     return hf, bundle.processor, ref, name
 
 
+def _rows(batch, values: torch.Tensor, pad: float | int | bool = 0) -> torch.Tensor:
+    """Per-token values in one row per example ``[B, L]``: a packed batch's ``[1, T]`` is split per example and
+    right-padded with ``pad`` (differentiable); a padded batch's values are returned as they are. The loss math
+    (sequence aggregation, GSPO ratios, in-reward KL) works on rows = sequences."""
+    if not batch.packed:
+        return values
+    return torch.nn.utils.rnn.pad_sequence(batch.per_example(values), batch_first=True, padding_value=pad)
+
+
 def _per_token(batch, per_example: list[torch.Tensor | float]) -> torch.Tensor:
-    """Scatter one value (scalar) or one vector (over the example's scored positions) per example into the batch
-    layout ``[B, L]`` (padded) / ``[1, T]`` (packed), at the scored positions."""
+    """Scatter one value (scalar) or one vector (over the example's scored positions) per example into the row
+    layout of :func:`_rows` ``[B, L]``, at the scored positions."""
     from vigorl_cli.train.batching import IGNORE
 
-    out = torch.zeros(batch.targets.shape, dtype=torch.float32)
-    scored = (batch.targets != IGNORE).cpu()
-    offset = 0
+    scored = (_rows(batch, batch.targets, IGNORE) != IGNORE).cpu()  # [B, L]
+    out = torch.zeros(scored.shape, dtype=torch.float32)
     for i, (n, v) in enumerate(zip(batch.seq_lens, per_example)):
-        row, sl = (0, slice(offset, offset + n)) if batch.packed else (i, slice(0, n))
-        m = scored[row, sl]
+        m = scored[i, :n]
         if isinstance(v, torch.Tensor) and v.dim() == 1:
             vals = torch.zeros(n)
             vals[m] = v[: int(m.sum())].float()
-            out[row, sl] = vals
+            out[i, :n] = vals
         else:
-            out[row, sl] = torch.where(m, torch.tensor(float(v)), torch.tensor(0.0))
-        offset += n
+            out[i, :n] = torch.where(m, torch.tensor(float(v)), torch.tensor(0.0))
     return out
 
 
@@ -169,6 +175,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.engines.base import derive_seed
     from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models import prompts
+    from vigorl_cli.models.compile import compile_blocks, eager
     from vigorl_cli.models.load import ModelBundle
     from vigorl_cli.rewards.presets import RewardInput, build_reward
     from vigorl_cli.train.batching import IGNORE, Collator, LogProbModel, rope_index_of
@@ -212,12 +219,20 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             raise DataError(f"no usable validation samples in {', '.join(map(str, val_files))}",
                             hint="fix data.rl_val or set grpo.val_every=0")
         val_roots = [recipe.data_root(), *{f.parent for f in val_files}]
-        run = wrap(LogProbModel(hf), dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
+        policy = LogProbModel(hf)
+        if recipe.model.compile:
+            from vigorl_cli.train.sft import compile_for_training
+
+            say(f"model.compile: {compile_for_training(recipe, policy, g.parallel)} policy blocks compiled "
+                "(regional; rollouts run eager)")
+        run = wrap(policy, dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
                                                        max_grad_norm=g.max_grad_norm, bf16=bf16))
-        collate = Collator(processor, hf.config, rope_index_of(hf), packing=False, fake_image_if_empty=synced)
+        collate = Collator(processor, hf.config, rope_index_of(hf), packing=g.packing, fake_image_if_empty=synced)
         if ref is not None:
             ref = ref.to(dist.device, dtype=torch.bfloat16 if bf16 else torch.float32)
             ref_lp = LogProbModel(ref)
+            if recipe.model.compile:
+                compile_blocks(ref_lp)
         multi = recipe.tool.enabled
         reward = reward_fn or build_reward(recipe.reward, multiturn=multi)
         backend = recipe.engine.backend
@@ -282,7 +297,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
 
         def roll(eps: list) -> None:
             """Run episodes to completion with the current policy (ranks in lockstep when the model is sharded)."""
-            with torch.no_grad():
+            with torch.no_grad(), eager(hf):  # compiled blocks (model.compile) are for the trainer's shapes
                 if synced:
                     run_episodes_synced(engine, eps, dist)
                 else:
@@ -430,8 +445,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                             continue
                         batch = collate([ex for ex, _, _ in mb]).to(dist.device)
                         with run.autocast():
-                            old = run.module(**batch.model_inputs()).float()  # [B, L]
-                        mask = (batch.targets != IGNORE)
+                            old = _rows(batch, run.module(**batch.model_inputs()).float())  # [B, L]
+                        mask = _rows(batch, batch.targets, IGNORE) != IGNORE
                         engine_lp = None
                         if all(e is not None for _, _, e in mb):
                             engine_lp = _per_token(batch, [e for _, _, e in mb]).to(dist.device)
@@ -447,11 +462,10 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 for x in (x for c in prepared for x in c if x[1] is not None and ref is not None):
                     batch, idx_mb, old, _, _, mask, _ = x
                     with run.autocast():
-                        x[3] = refl = ref_lp(**batch.model_inputs()).float()  # [B, L]
+                        x[3] = refl = _rows(batch, ref_lp(**batch.model_inputs()).float())  # [B, L]
                     if g.kl_in == "reward":
                         # verl/EasyR1 in-reward KL: token rewards minus kl_coef·kl_t (the task reward sits on the
                         # last token), summed over the response: the sequence reward loses kl_coef·Σ_t kl_t
-                        assert not batch.packed  # one row per example
                         per_tok = -kl_penalised_rewards(torch.zeros_like(old), old, refl, mask, g.kl_coef,
                                                         g.kl_estimator)  # [B, L]
                         kl_pen[torch.tensor(idx_mb)] = per_tok.sum(dim=-1).cpu()
@@ -484,7 +498,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                             run.backward(logp.sum() * 0.0, sync=last)
                             continue
                         with run.autocast():
-                            logp = run.module(**batch.model_inputs()).float()
+                            logp = _rows(batch, run.module(**batch.model_inputs()).float())  # [B, L]
                         out_l = policy_loss(logp, old, adv_tok, mask, clip_low=g.clip_low, clip_high=g.clip_high,
                                             clip_dual=g.clip_dual, objective=g.objective, loss_agg=g.loss_agg,
                                             ref_logp=refl, kl_coef=g.kl_coef if g.kl_in == "loss" else 0.0,

@@ -155,6 +155,16 @@ def build_model(recipe: Recipe, log: Callable[[str], None]):
     return hf, bundle.processor
 
 
+def compile_for_training(recipe: Recipe, model, parallel: str) -> int:
+    """``model.compile``: regional torch.compile of the blocks (models/compile.py); not with DeepSpeed."""
+    from vigorl_cli.models.compile import compile_blocks
+
+    if parallel == "deepspeed":
+        raise RecipeError("model.compile is not supported with DeepSpeed",
+                          hint="use parallel: fsdp2 or single, or set model.compile=false")
+    return compile_blocks(model)
+
+
 def train(recipe: Recipe, data: list[str | Path] | None = None, out: str | Path | None = None, resume: bool = True,
           log: Callable[[str], None] = print, progress_factory: Callable[[], Any] | None = None) -> dict:
     """Train ``recipe.sft`` on ``data`` (default: ``recipe.data.sft_train``) into ``out`` (default: output.dir).
@@ -217,6 +227,8 @@ def train(recipe: Recipe, data: list[str | Path] | None = None, out: str | Path 
 
         # ---- parallel wrap, optimizer --------------------------------------------------------------------------
         model = LogProbModel(hf, chunk_size=cfg.logprob_chunk)
+        if recipe.model.compile:
+            say(f"model.compile: {compile_for_training(recipe, model, cfg.parallel)} blocks compiled (regional)")
         run = wrap(model, dist, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                             bf16=bf16, grad_accum=cfg.grad_accum,
                                             micro_batch_size=cfg.micro_batch_size,

@@ -1,0 +1,161 @@
+"""Exact per-sample causal attention for padding-free packed rows, without a T×T mask.
+
+A packed training row concatenates several samples (``Collator(packing=True)``). With flash-attention HF turns the
+per-segment text positions into varlen boundaries; with sdpa (every machine without flash-attn) it builds a
+block-diagonal ``[1, 1, T, T]`` mask, and sdpa with an arbitrary mask runs a much slower kernel: on an H200, for four
+samples of 1.1k–2k tokens of the Qwen2.5-VL-3B shape, 5.4 ms forward + backward per layer against 0.9 ms for the same
+samples right-padded with ``is_causal`` (``docs/performance.md``). Packing then lost to padding.
+
+This module registers one attention function, ``vigorl_sdpa``, in transformers' attention interface. Given a packed
+plan (:class:`~vigorl_cli.train.batching.LogProbModel` computes it and passes it as the keyword argument
+``vigorl_packed_plan`` of the backbone's forward, which transformers hands down to every attention call; a keyword
+argument, not global state, so that gradient checkpointing's recompute in backward sees it too) it scatters the packed queries, keys and values into a right-padded ``[segments, heads, longest, dim]``
+batch, runs **one** causal sdpa call, and gathers the real rows back. Right padding needs no mask under causal
+attention: a real query only sees keys at or before its own position, all real. Only attention sees padding: the
+projections and MLPs, most of the FLOPs, run on real tokens. Outside a plan (unpacked batches, generation) the
+function is HF's own sdpa, and its mask function is HF's ``sdpa_mask``; inside :func:`packed_segments` (around the
+packed forward) the mask function returns None for the packed row, so the T×T mask is never built.
+
+Models already on flash-attention keep HF's varlen path (:func:`install_packed_attention` leaves them alone).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+IMPL = "vigorl_sdpa"
+PLAN_KWARG = "vigorl_packed_plan"  # how the plan reaches the attention calls: a forward keyword argument
+_local = threading.local()
+_registered = False
+
+
+@dataclass
+class PackedPlan:
+    """Where each token of a packed row goes in the padded ``[segments * longest]`` layout (on the row's device)."""
+
+    total: int
+    segments: int
+    longest: int
+    slot: Any  # [total] long
+
+
+def plan_from_positions(text_positions) -> PackedPlan:
+    """The plan of a packed row from its per-segment text positions ``[T]`` or ``[1, T]`` (0 starts a segment)."""
+    import torch
+
+    pos = text_positions.reshape(-1)
+    total = pos.numel()
+    starts = torch.nonzero(pos == 0).flatten()  # one host sync per forward, not per layer
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed text positions must start every segment at 0")
+    ends = torch.cat([starts[1:], starts.new_tensor([total])])
+    lengths = ends - starts
+    longest = int(lengths.max())
+    seg = torch.repeat_interleave(torch.arange(len(starts), device=pos.device), lengths, output_size=total)
+    slot = seg * longest + (torch.arange(total, device=pos.device) - starts[seg])
+    return PackedPlan(total, len(starts), longest, slot)
+
+
+class packed_segments:  # noqa: N801 (a context manager used like a function)
+    """Within this block the mask function builds no mask for a ``[1, T]`` row of ``T = len(text_positions)``;
+    ``.plan`` is the plan to pass to the forward as ``vigorl_packed_plan``."""
+
+    def __init__(self, text_positions):
+        self.plan = plan_from_positions(text_positions)
+        self._prev = None
+
+    def __enter__(self) -> PackedPlan:
+        self._prev = getattr(_local, "plan", None)
+        _local.plan = self.plan
+        return self.plan
+
+    def __exit__(self, *exc) -> None:
+        _local.plan = self._prev
+
+
+def active_plan() -> PackedPlan | None:
+    return getattr(_local, "plan", None)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs):
+    """HF attention-interface signature: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` → ``([B, T, Hq, D], None)``."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = kwargs.pop(PLAN_KWARG, None)
+    if plan is None or query.shape[0] != 1 or query.shape[2] != plan.total or key.shape[2] != plan.total:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    s, m = plan.segments, plan.longest
+
+    def pad(x):  # [1, H, T, D] → [S, H, M, D], zeros in the padding
+        h, d = x.shape[1], x.shape[3]
+        buf = x.new_zeros(s * m, h, d).index_copy(0, plan.slot, x[0].transpose(0, 1))
+        return buf.view(s, m, h, d).transpose(1, 2)
+
+    q, k, v = pad(query), pad(key), pad(value)
+    gqa = {}
+    if k.shape[1] != q.shape[1]:
+        gqa = {"enable_gqa": True}
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                           **gqa)  # [S, H, M, D]
+    out = out.transpose(1, 2).reshape(s * m, out.shape[1], out.shape[3]).index_select(0, plan.slot)  # [T, H, D]
+    return out[None], None
+
+
+def _mask(*args, **kwargs):
+    """HF's sdpa mask, except under a packed plan, where attention needs none."""
+    from transformers.masking_utils import sdpa_mask
+
+    plan = active_plan()
+    if (plan is not None and not args and kwargs.get("attention_mask") is None and kwargs.get("batch_size", 1) == 1
+            and kwargs.get("kv_length", plan.total) == plan.total):
+        return None  # the packed row itself: _attention needs no mask
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL, torch.compiler.disable(_attention))  # a graph break under torch.compile
+    AttentionMaskInterface.register(IMPL, _mask)
+    _registered = True
+
+
+def _text_config(model):
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def install_packed_attention(model) -> bool:
+    """Switch a model whose language model runs sdpa to ``vigorl_sdpa`` (same results unpacked; exact, fast packed).
+
+    Returns whether the model now uses it. Models on flash-attention (HF's varlen path) or eager are left alone.
+    Not saved with the model: ``_attn_implementation`` is not part of the serialised config."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = _text_config(hf)
+    impl = getattr(text, "_attn_implementation", None)
+    if impl == IMPL:
+        return True
+    if impl != "sdpa":
+        return False
+    _register()
+    text._attn_implementation = IMPL
+    return True
+
+
+def uses_packed_attention(model) -> bool:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(_text_config(hf), "_attn_implementation", None) == IMPL
+
+
+__all__ = ["IMPL", "PackedPlan", "active_plan", "install_packed_attention", "packed_segments", "plan_from_positions",
+           "uses_packed_attention"]
