@@ -59,6 +59,7 @@ class BenchConfig:
     seed: int = 0
     sides: tuple[str, ...] = ("ours", "trl")
     work: str | None = None
+    ours_set: tuple[str, ...] = ()  # extra recipe overrides for our side: how it computes, never what
 
     @property
     def responses(self) -> int:
@@ -117,7 +118,7 @@ class Setup:
                      f"grpo.weight_decay={cfg.weight_decay}", f"grpo.max_grad_norm={cfg.max_grad_norm}",
                      "grpo.clip_low=0.2", "grpo.clip_high=0.28", "grpo.adv_norm=std", "grpo.loss_agg=token_mean",
                      "grpo.objective=grpo", "grpo.filter_equal_groups=false", "grpo.gradient_checkpointing=true",
-                     "grpo.freeze_vision=true", f"seed={cfg.seed}"]
+                     "grpo.freeze_vision=true", f"seed={cfg.seed}", *cfg.ours_set]
         self.recipe = load_recipe(None, self.sets)
         r = self.recipe
         self.samples = load_rl_samples([r.data_root() / f for f in r.data.rl_train], r.data.max_samples, r.seed,
@@ -490,6 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="let responses stop at eos (lengths then differ between the sides)")
     ap.add_argument("--sides", default="ours,trl", help="which sides, in order: ours,trl | trl,ours | ours | trl")
     ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for our side only, for speed features that change how it computes, not "
+                         "what (e.g. engine.static_cache=true, model.compile=true); repeatable")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     small = {"prompts": 2, "group": 2, "max_new_tokens": 16, "micro_batch": 2}  # --tiny: a CPU smoke check in ~a minute
@@ -499,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = BenchConfig(tiny=a.tiny, shape=a.shape, max_pixels=a.max_pixels, steps=a.steps, warmup=a.warmup,
                       prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, micro_batch=a.micro_batch,
                       temperature=a.temperature, top_p=a.top_p, lr=a.lr, beta=a.beta, force_length=a.force_length,
-                      sides=tuple(x.strip() for x in a.sides.split(",") if x.strip()), work=a.work)
+                      sides=tuple(x.strip() for x in a.sides.split(",") if x.strip()), work=a.work,
+                      ours_set=tuple(a.ours_set))
     rep = run(cfg, log=lambda m: print(m, flush=True))
     print(json.dumps({k: v for k, v in rep.items() if k != "markdown"}), flush=True)
     print(rep["markdown"], flush=True)

@@ -7,6 +7,9 @@ layer (models/vision_attention.py; the plain arm keeps HF's per-window loop); th
 
     python benchmarks/rollout_decode.py --batch 32 --new-tokens 256         # GPU, Qwen2.5-VL-3B shape
     python benchmarks/rollout_decode.py --tiny --batch 4 --new-tokens 16    # CPU smoke test
+
+The ``vigorl_hf_engine_static_cache`` arm is the engine with ``engine.static_cache`` (transformers' static KV cache;
+on CUDA the decode step is compiled into CUDA graphs; its warm-up call pays the compile).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--arms", default="plain_hf_generate,vigorl_hf_engine,vigorl_hf_engine_no_image_dedupe,"
+                                      "vigorl_hf_engine_static_cache",
+                    help="which arms, in order (the static-cache arm's warm-up call compiles the decode step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -53,6 +59,7 @@ def main() -> None:
     reqs = [GenerationRequest(ids, [img], SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=i))
             for i in range(args.batch)]
     eng = HFEngine(bundle, batch_size=args.batch)
+    eng_static = HFEngine(bundle, batch_size=args.batch, static_cache=True)
     batch = proc(text=[text] * args.batch, images=[img] * args.batch, return_tensors="pt", padding=True)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     if "mm_token_type_ids" not in batch:
@@ -78,9 +85,15 @@ def main() -> None:
         eng.dedupe_images = False
         return eng.generate(reqs)
 
+    def ours_static():
+        set_vision_attention(model, "auto")
+        return eng_static.generate(reqs)
+
+    arms = {"plain_hf_generate": plain, "vigorl_hf_engine": ours, "vigorl_hf_engine_no_image_dedupe": ours_no_dedupe,
+            "vigorl_hf_engine_static_cache": ours_static}
     results = {}
-    for name, fn in (("plain_hf_generate", plain), ("vigorl_hf_engine", ours),
-                     ("vigorl_hf_engine_no_image_dedupe", ours_no_dedupe)):
+    for name in [a.strip() for a in args.arms.split(",")]:
+        fn = arms[name]
         fn()  # warm-up
         times = []
         for _ in range(args.reps):
@@ -99,8 +112,8 @@ def main() -> None:
         print(json.dumps({name: results[name]}), flush=True)
     final = {"benchmark": "rollout_decode", "device": torch.cuda.get_device_name(0) if cuda else "cpu",
              "batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "results": results,
-             "ratio_ours_over_plain": round(results["vigorl_hf_engine"]["tok_per_s"]
-                                            / results["plain_hf_generate"]["tok_per_s"], 3)}
+             "ratios_over_plain": {k: round(v["tok_per_s"] / results["plain_hf_generate"]["tok_per_s"], 3)
+                                   for k, v in results.items() if "plain_hf_generate" in results}}
     print(json.dumps(final), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(final, indent=2))

@@ -134,3 +134,32 @@ def test_an_image_shown_to_many_rows_is_encoded_once_with_identical_results(tiny
         for x, y in zip(a, b):
             assert x.token_ids == y.token_ids
             assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens_and_logprobs(tiny_bundle):
+    """engine.static_cache: transformers' static KV cache (compiled into CUDA graphs on a GPU); the cache length is
+    bucketed, and the tokens and raw log-probs are those of the dynamic cache, with left-padded rows of different
+    prompt widths, across calls of different widths."""
+    reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=10, temperature=1.0),
+            _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=10,
+                 temperature=1.0)]
+    dyn = HFEngine(tiny_bundle, batch_size=8)
+    static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
+    seen = []
+    orig = tiny_bundle.model.generate
+
+    def spy(*a, **kw):
+        seen.append((kw["generation_config"].cache_implementation, kw["generation_config"].max_cache_len))
+        return orig(*a, **kw)
+
+    tiny_bundle.model.generate = spy
+    try:
+        for batch in (reqs, reqs[:1]):
+            want, got = dyn.generate(batch), static.generate(batch)
+            for w, g in zip(want, got, strict=True):
+                assert g[0].token_ids == w[0].token_ids
+                assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-5)
+    finally:
+        del tiny_bundle.model.generate
+    statics = [s for s in seen if s[0] == "static"]
+    assert len(statics) == 2 and all(n == HFEngine.CACHE_BUCKET for _, n in statics)

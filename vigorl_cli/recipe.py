@@ -146,6 +146,9 @@ class EngineConfig:
     backend: Literal["hf", "vllm", "openai"] = F("hf", "hf: transformers generate (any machine); vllm: offline "
                                                        "vllm.LLM; openai: OpenAI-compatible servers")
     batch_size: int = F(16, "hf: prompts per generate call")
+    static_cache: bool = F(False, "hf: static KV cache, which lets transformers compile the decode step into CUDA "
+                                  "graphs (CUDA only; the first call per batch size compiles, about a minute; cache "
+                                  "length bucketed to multiples of 1024 tokens so later calls reuse the graphs)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

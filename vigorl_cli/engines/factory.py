@@ -18,7 +18,7 @@ def make_engine(backend: str, model: str, engine_cfg: Any, model_cfg: Any, seed:
                                  min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                  revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                                  vision_attention=model_cfg.vision_attention)
-        return HFEngine(b, batch_size=engine_cfg.batch_size, seed=seed), b.processor
+        return HFEngine(b, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache), b.processor
     path = resolve_model(model)
     from transformers import AutoConfig
 

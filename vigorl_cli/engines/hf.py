@@ -148,10 +148,11 @@ class HFEngine:
     """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
 
     name = "hf"
+    CACHE_BUCKET = 1024  # static cache lengths are multiples of this
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0,
                  autocast_dtype: torch.dtype | None = None, synced_gpus: bool = False,
-                 generate_fn: Callable[..., torch.Tensor] | None = None):
+                 generate_fn: Callable[..., torch.Tensor] | None = None, static_cache: bool = False):
         """``autocast_dtype``: run generation under ``torch.autocast`` (GRPO on a GPU keeps fp32 master weights and
         trains under bf16 autocast; sampling under the same autocast keeps engine and trainer log-probs equal).
 
@@ -161,9 +162,16 @@ class HFEngine:
         (a rank with fewer runs a one-token dummy request for the rest), and HF ``generate(synced_gpus=True)`` keeps
         the ranks in lockstep within a run. Every request must carry an image (the vision tower's forward is
         collective as well). ``generate_fn``: called instead of ``model.generate`` with the same keyword arguments
-        (e.g. through the FSDP root's forward, so that the root's parameters are gathered around it)."""
+        (e.g. through the FSDP root's forward, so that the root's parameters are gathered around it).
+
+        ``static_cache``: generate with transformers' static KV cache. On CUDA, transformers then compiles the decode
+        step (``torch.compile`` mode ``reduce-overhead``: CUDA graphs), which removes the per-step launch overhead
+        that bounds eager decoding. The cache length is rounded up to a multiple of :attr:`CACHE_BUCKET` tokens and
+        never shrinks, so calls with other prompt widths reuse the compiled graphs; each new batch size compiles
+        once. On CPU the static cache runs uncompiled (same tokens as the dynamic cache)."""
         self.autocast_dtype = autocast_dtype
         self.synced_gpus = bool(synced_gpus)
+        self.static_cache = bool(static_cache) and not synced_gpus
         self.dedupe_images = True
         self.generate_fn = generate_fn
         self.bundle = bundle
@@ -302,6 +310,10 @@ class HFEngine:
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
+        if self.static_cache:
+            need = width + params.max_new_tokens
+            gc.cache_implementation = "static"
+            gc.max_cache_len = -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET  # bucketed: reuse compiled graphs
         # generate() fills unset fields from the checkpoint's generation config (suppress_tokens, top_k, ...):
         # swap in a clean one so that no processor runs before the sampler and log-probs stay raw.
         saved, self.model.generation_config = self.model.generation_config, GenerationConfig(

@@ -240,6 +240,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
             engine = HFEngine(ModelBundle(hf, processor, model_name, "policy"), batch_size=recipe.engine.batch_size,
                               seed=recipe.seed, autocast_dtype=torch.bfloat16 if bf16 else None, synced_gpus=synced,
+                              static_cache=recipe.engine.static_cache,
                               generate_fn=(lambda **kw: run.module(generate=kw)) if g.parallel != "single" else None)
         elif backend == "vllm":
             from vigorl_cli.engines.vllm import VLLMEngine
