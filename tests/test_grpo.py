@@ -593,3 +593,35 @@ def test_packed_and_padded_micro_batches_give_the_same_step(tmp_path, demo_root,
             continue
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert a["loss"] != 0.0 and a["grad_norm"] > 0.0
+
+
+def test_rollout_copy_is_a_bf16_snapshot_refreshed_in_place(tiny_bundle):
+    """engine.static_cache on a GPU rolls out on a bf16 copy of the fp32 policy: same structure, refreshed in place
+    after each update, and a static KV cache works on it (it does not under autocast over fp32 weights)."""
+    import copy
+
+    import torch
+
+    from vigorl_cli.engines.base import GenerationRequest, SamplingParams
+    from vigorl_cli.engines.hf import HFEngine
+    from vigorl_cli.models.load import ModelBundle
+    from vigorl_cli.train.grpo import rollout_copy, sync_rollout_copy
+
+    policy = copy.deepcopy(tiny_bundle.model)
+    shadow = rollout_copy(policy, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in shadow.parameters())
+    ptrs = [p.data_ptr() for p in shadow.parameters()]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.5)
+    sync_rollout_copy(shadow, policy)
+    assert [p.data_ptr() for p in shadow.parameters()] == ptrs  # in place
+    for (n, p), (_, q) in zip(policy.named_parameters(), shadow.named_parameters()):
+        assert torch.equal(q, p.to(torch.bfloat16)), n
+    msgs = [{"role": "user", "content": "hi"}]
+    ids = tiny_bundle.tokenizer(tiny_bundle.processor.apply_chat_template(msgs, tokenize=False,
+                                                                         add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"]
+    req = GenerationRequest(ids, [], SamplingParams(max_new_tokens=4, seed=1))
+    eng = HFEngine(ModelBundle(shadow, tiny_bundle.processor, "x", "qwen2_5_vl"), static_cache=True)
+    assert len(eng.generate([req])[0][0].token_ids) == 4

@@ -128,6 +128,34 @@ def _rows(batch, values: torch.Tensor, pad: float | int | bool = 0) -> torch.Ten
     return torch.nn.utils.rnn.pad_sequence(batch.per_example(values), batch_first=True, padding_value=pad)
 
 
+def rollout_copy(hf: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen ``dtype`` copy of the policy for the HF engine (``engine.static_cache`` on a GPU).
+
+    The trainer keeps fp32 master weights and computes under bf16 autocast. Rolling out on them under autocast casts
+    every weight at every decode step, and a static KV cache cannot hold autocast's mixed outputs (keys leave the
+    fp32 rotary embedding in fp32, values leave v_proj in bf16). The copy is plain bf16, as a vLLM engine's weights
+    are; :func:`sync_rollout_copy` refreshes it after every update. Engine and trainer log-probs then differ by the
+    bf16-vs-autocast numerics, which the logged ``logprob_diff_engine_vs_trainer`` shows (``grpo.tis_cap`` corrects
+    for it)."""
+    import copy
+
+    from vigorl_cli.models.compile import uncompile
+
+    shadow = copy.deepcopy(hf).to(dtype)
+    uncompile(shadow)  # generation runs eager (transformers compiles the static-cache decode step itself)
+    shadow.requires_grad_(False)
+    shadow.eval()
+    return shadow
+
+
+@torch.no_grad()
+def sync_rollout_copy(shadow: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Copy the policy's current weights into its rollout copy (in place: compiled graphs keep their buffers)."""
+    src = dict(hf.named_parameters())
+    for name, p in shadow.named_parameters():
+        p.copy_(src[name])
+
+
 def _per_token(batch, per_example: list[torch.Tensor | float]) -> torch.Tensor:
     """Scatter one value (scalar) or one vector (over the example's scored positions) per example into the row
     layout of :func:`_rows` ``[B, L]``, at the scored positions."""
@@ -236,10 +264,14 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         multi = recipe.tool.enabled
         reward = reward_fn or build_reward(recipe.reward, multiturn=multi)
         backend = recipe.engine.backend
+        shadow = None  # a bf16 copy of the policy that rolls out (engine.static_cache on a GPU)
+        if backend == "hf" and recipe.engine.static_cache and bf16 and g.parallel == "single":
+            shadow = rollout_copy(hf, torch.bfloat16)
         if backend == "hf":
             # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
-            engine = HFEngine(ModelBundle(hf, processor, model_name, "policy"), batch_size=recipe.engine.batch_size,
-                              seed=recipe.seed, autocast_dtype=torch.bfloat16 if bf16 else None, synced_gpus=synced,
+            engine = HFEngine(ModelBundle(shadow if shadow is not None else hf, processor, model_name, "policy"),
+                              batch_size=recipe.engine.batch_size, seed=recipe.seed,
+                              autocast_dtype=torch.bfloat16 if bf16 and shadow is None else None, synced_gpus=synced,
                               static_cache=recipe.engine.static_cache,
                               generate_fn=(lambda **kw: run.module(generate=kw)) if g.parallel != "single" else None)
         elif backend == "vllm":
@@ -336,6 +368,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             say(f"resumed from {latest} (step {start}/{g.steps})")
             if backend == "vllm":
                 engine.update_weights(run.full_state_dict())
+            if shadow is not None:
+                sync_rollout_copy(shadow, hf)
         if dist.is_main:
             atomic_write_json(out_dir / "manifest.json", {"command": "grpo", "recipe": recipe.to_dict(),
                                                           "model": str(model_name), "n_prompts": len(samples),
@@ -522,6 +556,11 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
                 t0 = time.perf_counter()
                 engine.wake_up()
                 engine.update_weights(run.full_state_dict())
+                timing["sync_s"] = time.perf_counter() - t0
+            if shadow is not None:
+                t0 = time.perf_counter()
+                sync_rollout_copy(shadow, hf)
+                _sync(dist.device)
                 timing["sync_s"] = time.perf_counter() - t0
 
             # ---- 5. log (over all ranks; episodes in prompt order, as one process has them) --------------------
