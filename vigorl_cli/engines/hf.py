@@ -148,7 +148,8 @@ class HFEngine:
     """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
 
     name = "hf"
-    CACHE_BUCKET = 1024  # static cache lengths are multiples of this
+    CACHE_BUCKET = 1024  # static cache lengths are multiples of this (transformers >= 5.19: max_cache_len)
+    WIDTH_BUCKET = 64  # static cache: prompts are left-padded to a multiple of this
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0,
                  autocast_dtype: torch.dtype | None = None, synced_gpus: bool = False,
@@ -166,8 +167,9 @@ class HFEngine:
 
         ``static_cache``: generate with transformers' static KV cache. On CUDA, transformers then compiles the decode
         step (``torch.compile`` mode ``reduce-overhead``: CUDA graphs), which removes the per-step launch overhead
-        that bounds eager decoding. The cache length is rounded up to a multiple of :attr:`CACHE_BUCKET` tokens and
-        never shrinks, so calls with other prompt widths reuse the compiled graphs; each new batch size compiles
+        that bounds eager decoding. Prompts are left-padded to a multiple of :attr:`WIDTH_BUCKET` tokens and the cache
+        length is rounded up to a multiple of :attr:`CACHE_BUCKET` (where transformers takes ``max_cache_len``;
+        it never shrinks), so calls with other prompt widths reuse the compiled graphs; each new batch size compiles
         once. On CPU the static cache runs uncompiled (same tokens as the dynamic cache)."""
         self.autocast_dtype = autocast_dtype
         self.synced_gpus = bool(synced_gpus)
@@ -297,6 +299,8 @@ class HFEngine:
             pix = [pv_u] if uniq else []
         grids = [grid_occ] if uniq else []
         width = max(len(r) for r in ids_rows)
+        if self.static_cache:  # a bounded set of prompt widths: fewer shapes for the compiled decode step
+            width = -(-width // self.WIDTH_BUCKET) * self.WIDTH_BUCKET
         input_ids = torch.full((len(ids_rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(input_ids)
         for i, r in enumerate(ids_rows):  # left padding: the last prompt token of every row is aligned
