@@ -7,6 +7,8 @@ to a temporary folder, with the HF engine sampling from the live policy, on the 
     python benchmarks/grpo_step.py --tiny --steps 2                                         # CPU smoke test
 
 Prints the per-step metrics (times per phase, tokens/s, peak memory) as JSON lines and writes --json.
+The run ends with a checkpoint of the 3B policy (fp32 weights + AdamW state, ~37 GB): give it a machine with that
+much free disk (a run after grpo_vs_trl.py on the same machine once failed writing it).
 """
 
 from __future__ import annotations
