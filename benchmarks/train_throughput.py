@@ -160,6 +160,7 @@ def make_examples(n: int, args, ids: dict, seed: int) -> list[Example]:
     rng = random.Random(seed)
     n_img = args.image_grid ** 2 // 4
     out = []
+    shared: dict[int, FakeImage] = {}
     for i in range(n):
         length = rng.randint(args.min_len, args.seq_len)
         n_text = length - n_img - 2
@@ -169,7 +170,8 @@ def make_examples(n: int, args, ids: dict, seed: int) -> list[Example]:
         input_ids = before + [ids["vs"]] + [ids["image"]] * n_img + [ids["ve"]] + after
         reply_start = 20 + 2 + n_img + (n_prompt - 20)
         labels = [IGNORE] * reply_start + input_ids[reply_start:]
-        out.append(Example(f"s{i}", input_ids, labels, [FakeImage(args.image_grid * 14)]))
+        image = shared.setdefault(i // args.share_images, FakeImage(args.image_grid * 14))  # a GRPO group's image
+        out.append(Example(f"s{i}", input_ids, labels, [image]))
     return out
 
 
@@ -197,6 +199,7 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
     model.train()
     autocast = args.weights == "fp32-autocast"
     collate = collator_packed if layout == "packed" or (layout == "logprob" and impl == "ours") else collator_padded
+    collate.dedupe_images = impl == "ours"  # plain HF encodes every occurrence of an image
     t = time.perf_counter()
     batches = [collate(ex) for ex in steps]
     collate_ms = 1e3 * (time.perf_counter() - t) / len(steps)
@@ -310,6 +313,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="longest sample (default 2048; tiny 256)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest sample (default seq-len / 2)")
     ap.add_argument("--image-grid", type=int, default=None, help="patch grid side (36 = 504 px, 324 tokens; tiny 8)")
+    ap.add_argument("--share-images", type=int, default=1,
+                    help="consecutive samples showing the same image (a GRPO group's n responses; ours encodes it "
+                         "once per micro-batch, plain HF once per sample)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--weights", choices=["bf16", "fp32-autocast"], default="bf16")

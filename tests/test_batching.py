@@ -233,3 +233,36 @@ def test_packing_matches_a_plain_hf_forward_for_qwen2_vl_and_qwen3_vl(name, imag
                              image_grid_thw=one.image_grid_thw).logits
             ref = torch.log_softmax(logits.float(), -1)[0].gather(-1, one.targets[0].clamp(min=0)[:, None])[:, 0]
             assert torch.allclose(lp, ref.masked_fill(one.targets[0] == IGNORE, 0.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_an_image_shown_by_several_examples_is_encoded_once_with_equal_logprobs_and_grads(tiny_bundle, images,
+                                                                                            packing):
+    """A GRPO group's responses share their prompt's image: the micro-batch carries its pixels once, the vision tower
+    encodes it once, and log-probs and gradients are those of encoding every occurrence."""
+    from PIL import Image as PILImage
+
+    p = tiny_bundle.processor
+    shared = PILImage.open(images["big"]).convert("RGB")
+    msgs = [{"role": "user", "content": "<image> colour?"}, {"role": "assistant", "content": "blue"}]
+    exs = [encode_conversation(p, msgs, [shared], 4096, id="g0"),
+           encode_conversation(p, [{"role": "user", "content": "<image> colour?"},
+                                   {"role": "assistant", "content": "red, maybe"}], [shared], 4096, id="g1"),
+           encode_conversation(p, _multiturn(), [images["wide"], images["wide"]], 4096, id="same-path-twice")]
+    model = LogProbModel(tiny_bundle.model)
+    results = {}
+    for dedupe in (True, False):
+        batch = _collator(tiny_bundle, packing, dedupe_images=dedupe)(exs)
+        model.zero_grad(set_to_none=True)
+        logp = model(**batch.model_inputs())
+        (-logp.sum()).backward()
+        results[dedupe] = (batch, logp.detach(), tiny_bundle.model.lm_head.weight.grad.clone(),
+                           tiny_bundle.model.model.language_model.layers[0].mlp.up_proj.weight.grad.clone())
+    model.zero_grad(set_to_none=True)
+    deduped, full = results[True][0], results[False][0]
+    assert deduped.image_occurrence == [0, 0, 1, 1] and deduped.grid_unique.shape[0] == 2
+    assert deduped.image_grid_thw.shape[0] == 4 and torch.equal(deduped.image_grid_thw, full.image_grid_thw)
+    assert deduped.pixel_values.shape[0] * 2 == full.pixel_values.shape[0]  # two distinct images of two each
+    assert full.image_occurrence is None
+    for a, b in zip(results[True][1:], results[False][1:]):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -28,7 +28,13 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor
 
 from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed
-from vigorl_cli.models.load import ModelBundle, mm_token_type_ids, vision_special_ids
+from vigorl_cli.models.load import (
+    SHARED_IMAGE_KINDS,
+    ModelBundle,
+    mm_token_type_ids,
+    shared_image_features,
+    vision_special_ids,
+)
 
 
 def _signed(c: int) -> int:
@@ -117,31 +123,6 @@ def _all_reduce_max(n: int) -> int:
         t = t.cuda()
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return int(t.item())
-
-
-@contextlib.contextmanager
-def _shared_image_features(model: Any, grid_unique: torch.Tensor, occurrence: list[int]):
-    """During one ``generate``: the model receives the pixels of the distinct images only (and the full per-occurrence
-    ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct images and hands
-    back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple per image)."""
-    core = model.model
-    original = core.get_image_features
-    index = list(occurrence)
-
-    def shared(pixel_values, image_grid_thw=None, **kw):
-        out = original(pixel_values, grid_unique, **kw)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        per_occ = tuple(feats[u] for u in index)
-        if hasattr(out, "pooler_output"):
-            out.pooler_output = per_occ
-            return out
-        return per_occ
-
-    core.get_image_features = shared
-    try:
-        yield
-    finally:
-        del core.get_image_features  # back to the class method
 
 
 class HFEngine:
@@ -267,7 +248,7 @@ class HFEngine:
         params = requests[chunk[0][0]].params
         # Every distinct image is processed and encoded once per call, however many rows show it (a GRPO group, the
         # n samples of a request, MCTS nodes of one tree): rows name their images by key (request.image_keys, else
-        # the object's identity); the vision tower sees only the distinct ones (see _shared_image_features).
+        # the object's identity); the vision tower sees only the distinct ones (see models/load.py shared_image_features).
         keys: list[Any] = []
         occ: list[int] = []  # image occurrence (row order) → index into the distinct images
         uniq: list[Any] = []
@@ -288,7 +269,7 @@ class HFEngine:
         ids_rows = []
         for (ri, _, _), mine in zip(chunk, row_occ):
             ids_rows.append(self.expand(requests[ri].prompt_ids, grid_occ[mine] if mine else None))
-        share = self.dedupe_images and uniq and len(uniq) < len(occ) and self.bundle.kind in ("qwen2_vl", "qwen2_5_vl")
+        share = self.dedupe_images and uniq and len(uniq) < len(occ) and self.bundle.kind in SHARED_IMAGE_KINDS
         if uniq and not share:  # every occurrence encoded (models whose image features we do not re-use)
             sizes = grid_u.prod(-1).tolist()
             starts = [0]
@@ -324,7 +305,7 @@ class HFEngine:
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
-        shared = (_shared_image_features(self.model, grid_u.to(device), occ) if pix and share
+        shared = (shared_image_features(self.model, grid_u.to(device), occ) if pix and share
                   else contextlib.nullcontext())
         try:
             extra = {"synced_gpus": True} if self.synced_gpus else {}

@@ -13,6 +13,7 @@ Pitfalls handled here, once (environment.md §2):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -229,3 +230,32 @@ def mm_token_type_ids(input_ids, config):
     if video is not None:
         t[input_ids == video] = 2
     return t
+
+
+SHARED_IMAGE_KINDS = ("qwen2_vl", "qwen2_5_vl")  # model kinds shared_image_features supports
+
+
+@contextlib.contextmanager
+def shared_image_features(model: Any, grid_unique, occurrence: list[int]):
+    """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
+    per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct images and hands
+    back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple per image): see
+    :data:`SHARED_IMAGE_KINDS`. Used by the HF engine (a GRPO group's rows) and the trainer's log-prob passes."""
+    core = model.model
+    original = core.get_image_features
+    index = list(occurrence)
+
+    def shared(pixel_values, image_grid_thw=None, **kw):
+        out = original(pixel_values, grid_unique, **kw)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        per_occ = tuple(feats[u] for u in index)
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = per_occ
+            return out
+        return per_occ
+
+    core.get_image_features = shared
+    try:
+        yield
+    finally:
+        del core.get_image_features  # back to the class method

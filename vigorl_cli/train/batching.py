@@ -237,6 +237,10 @@ class Batch:
     image_grid_thw: torch.Tensor | None  # [n_images, 3]
     seq_lens: list[int]  # real length of each example, in order (a fake-image segment is not listed)
     packed: bool
+    # images shown more than once (a GRPO group's responses share their prompt's image): pixel_values holds the
+    # distinct images only, grid_unique their grids, image_occurrence maps each occurrence to its distinct image
+    image_occurrence: list[int] | None = None
+    grid_unique: torch.Tensor | None = None
 
     @property
     def n_examples(self) -> int:
@@ -252,9 +256,12 @@ class Batch:
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`LogProbModel.forward`."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
-                "mm_token_type_ids": self.mm_token_type_ids, "targets": self.targets,
-                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
+               "mm_token_type_ids": self.mm_token_type_ids, "targets": self.targets,
+               "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+        if self.image_occurrence is not None:
+            out.update(image_occurrence=self.image_occurrence, grid_unique=self.grid_unique)
+        return out
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> Batch:
         def mv(t):
@@ -266,7 +273,7 @@ class Batch:
 
         return Batch(mv(self.input_ids), mv(self.position_ids), mv(self.attention_mask), mv(self.mm_token_type_ids),
                      mv(self.targets), mv(self.pixel_values), mv(self.image_grid_thw), list(self.seq_lens),
-                     self.packed)
+                     self.packed, self.image_occurrence, mv(self.grid_unique))
 
     def per_example(self, values: torch.Tensor) -> list[torch.Tensor]:
         """Split a ``[B, L]`` (padded) or ``[1, T]`` (packed) per-token tensor into one ``[L_i]`` tensor per example."""
@@ -287,12 +294,18 @@ def _open_rgb(img: Any):
 class Collator:
     """Examples → :class:`Batch`. ``rope_index`` is the model's ``get_rope_index`` (see :func:`rope_index_of`)."""
 
-    def __init__(self, processor, config, rope_index: Callable, packing: bool, fake_image_if_empty: bool = False):
+    def __init__(self, processor, config, rope_index: Callable, packing: bool, fake_image_if_empty: bool = False,
+                 dedupe_images: bool = True):
+        """``dedupe_images``: an image that several examples show (the same path, or the same PIL object: a GRPO
+        group's responses) is processed and encoded once per micro-batch (Qwen2-VL / Qwen2.5-VL)."""
+        from vigorl_cli.models.load import SHARED_IMAGE_KINDS, model_kind
+
         self.processor = processor
         self.config = config
         self.rope_index = rope_index
         self.packing = packing
         self.fake_image_if_empty = fake_image_if_empty
+        self.dedupe_images = dedupe_images and model_kind(config) in SHARED_IMAGE_KINDS
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.image_token_id = config.image_token_id
@@ -330,11 +343,21 @@ class Collator:
         if self.fake_image_if_empty and not any(ex.images for ex in real):
             segs.append(self.fake_image_example())
         images = [img for ex in segs for img in ex.images]
-        pixel_values = grid = None
+        pixel_values = grid = grid_unique = None
+        occurrence: list[int] | None = None
         per_seg_grids: list[torch.Tensor | None] = []
         if images:
-            proc = self.processor.image_processor(images=[_open_rgb(i) for i in images], return_tensors="pt")
+            keys = [str(img) if isinstance(img, (str, Path)) else id(img) for img in images]
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # key -> first occurrence
+            distinct = sorted(set(first.values()))
+            proc = self.processor.image_processor(
+                images=[_open_rgb(images[i]) for i in (distinct if self.dedupe_images else range(len(images)))],
+                return_tensors="pt")
             pixel_values, grid = proc["pixel_values"], proc["image_grid_thw"]  # [P, D], [N, 3]
+            if self.dedupe_images and len(distinct) < len(images):
+                slot = {i: j for j, i in enumerate(distinct)}
+                occurrence = [slot[first[k]] for k in keys]
+                grid_unique, grid = grid, grid[torch.tensor(occurrence)]  # grids per occurrence for the positions
             k = 0
             for ex in segs:
                 per_seg_grids.append(grid[k:k + len(ex.images)] if ex.images else None)
@@ -361,7 +384,7 @@ class Collator:
             return Batch(input_ids=torch.cat(ids_list)[None], position_ids=torch.cat([text_pos, mrope], dim=0),
                          attention_mask=None, mm_token_type_ids=torch.cat(mm_list)[None],
                          targets=torch.cat(tgt_list)[None], pixel_values=pixel_values, image_grid_thw=grid,
-                         seq_lens=seq_lens, packed=True)
+                         seq_lens=seq_lens, packed=True, image_occurrence=occurrence, grid_unique=grid_unique)
         B, L = len(segs), max(len(t) for t in ids_list)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
@@ -374,7 +397,7 @@ class Collator:
             position_ids[:, i, :n] = p[:, 0]
         return Batch(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                      mm_token_type_ids=mm, targets=targets, pixel_values=pixel_values, image_grid_thw=grid,
-                     seq_lens=seq_lens, packed=False)
+                     seq_lens=seq_lens, packed=False, image_occurrence=occurrence, grid_unique=grid_unique)
 
 
 def hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -427,7 +450,7 @@ class LogProbModel(nn.Module):
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, mm_token_type_ids=None, targets=None,
                 pixel_values=None, image_grid_thw=None, temperature: float = 1.0, with_entropy: bool = False,
-                generate: dict | None = None):
+                generate: dict | None = None, image_occurrence: list[int] | None = None, grid_unique=None):
         """Log-prob of ``targets`` at each position ``[B, L]`` (0 where IGNORE); with entropy: ``([B, L], [B, L])``.
 
         ``generate``: instead, ``self.hf.generate(**generate)`` (rollouts on a sharded policy: through this, the root
@@ -442,7 +465,13 @@ class LogProbModel(nn.Module):
         if packed and uses_packed_attention(self.hf):  # per-sample causal attention without a T×T mask
             segments = packed_segments(position_ids[0])
             extra = {PLAN_KWARG: segments.plan}
-        with segments:
+        if image_occurrence is not None:  # pixel_values holds distinct images: encode each once (Batch)
+            from vigorl_cli.models.load import shared_image_features
+
+            shared = shared_image_features(hf_parts(self.hf)[0], grid_unique, image_occurrence)
+        else:
+            shared = contextlib.nullcontext()
+        with segments, shared:
             hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                               mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                               image_grid_thw=image_grid_thw, use_cache=False, **extra).last_hidden_state  # [B, L, H]
