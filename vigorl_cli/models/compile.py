@@ -39,7 +39,8 @@ def _fresh_code(name: str):
     """``_part`` under a code object of its own: Dynamo keeps one cache per code object."""
     import types
 
-    code = _part.__code__.replace(co_name=name, co_qualname=name)
+    code = _part.__code__
+    code = code.replace(co_name=name, co_qualname=name) if hasattr(code, "co_qualname") else code.replace(co_name=name)
     return types.FunctionType(code, _part.__globals__, name)
 
 
