@@ -607,8 +607,12 @@ def test_rollout_copy_is_a_bf16_snapshot_refreshed_in_place(tiny_bundle):
     from vigorl_cli.models.load import ModelBundle
     from vigorl_cli.train.grpo import rollout_copy, sync_rollout_copy
 
+    from vigorl_cli.models.packed_attention import install_packed_attention, uses_packed_attention
+
     policy = copy.deepcopy(tiny_bundle.model)
+    assert install_packed_attention(policy)  # what the trainer's LogProbModel does to the policy
     shadow = rollout_copy(policy, torch.bfloat16)
+    assert uses_packed_attention(policy) and not uses_packed_attention(shadow)  # the copy generates on plain sdpa
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in shadow.parameters())
     ptrs = [p.data_ptr() for p in shadow.parameters()]
     with torch.no_grad():

@@ -139,3 +139,24 @@ def test_eager_models_are_left_alone():
     b = load_model("tiny-qwen2.5-vl", attn_implementation="eager")
     assert not install_packed_attention(b.model) and not uses_packed_attention(b.model)
     assert b.model.config.text_config._attn_implementation == "eager"
+
+
+def test_without_a_plan_the_attention_is_traceable_in_one_graph(tiny_bundle):
+    """A compiled decode step (engine.static_cache) over a policy switched to vigorl_sdpa must not break its graph at
+    every layer: only the packed branch runs eagerly."""
+    from transformers import AttentionInterface
+
+    install_packed_attention(tiny_bundle.model)
+    attn = tiny_bundle.model.model.language_model.layers[0].self_attn
+    fn = AttentionInterface()[IMPL]
+    q = torch.randn(2, attn.config.num_attention_heads, 5, attn.head_dim)
+    k = torch.randn(2, attn.config.num_key_value_heads, 5, attn.head_dim)
+
+    def f(q, k, v):
+        return fn(attn, q, k, v, None, scaling=attn.scaling)[0]
+
+    explained = torch._dynamo.explain(f)(q, k, k.clone())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    plan = plan_from_positions(torch.tensor([0, 1, 2, 0, 1]))
+    out = fn(attn, q[:1], k[:1], k[:1].clone(), None, scaling=attn.scaling, vigorl_packed_plan=plan)[0]
+    assert out.shape == (1, 5, attn.config.num_attention_heads, attn.head_dim)

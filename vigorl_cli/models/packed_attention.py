@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 IMPL = "vigorl_sdpa"
 PLAN_KWARG = "vigorl_packed_plan"  # how the plan reaches the attention calls: a forward keyword argument
 _local = threading.local()
@@ -43,8 +45,6 @@ class PackedPlan:
 
 def plan_from_positions(text_positions) -> PackedPlan:
     """The plan of a packed row from its per-segment text positions ``[T]`` or ``[1, T]`` (0 starts a segment)."""
-    import torch
-
     pos = text_positions.reshape(-1)
     total = pos.numel()
     starts = torch.nonzero(pos == 0).flatten()  # one host sync per forward, not per layer
@@ -81,14 +81,21 @@ def active_plan() -> PackedPlan | None:
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                **kwargs):
-    """HF attention-interface signature: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` → ``([B, T, Hq, D], None)``."""
-    import torch
+    """HF attention-interface signature: q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` → ``([B, T, Hq, D], None)``.
+
+    Without a plan this is HF's sdpa and stays traceable: a compiled decode step (``engine.static_cache``) keeps one
+    graph. Only the packed branch is run eagerly (its plan is Python state)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plan = kwargs.pop(PLAN_KWARG, None)
     if plan is None or query.shape[0] != 1 or query.shape[2] != plan.total or key.shape[2] != plan.total:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return _packed_attention(query, key, value, plan, dropout, scaling), None
+
+
+@torch.compiler.disable  # a graph break only where a plan is given
+def _packed_attention(query, key, value, plan: PackedPlan, dropout: float, scaling: float | None):
     s, m = plan.segments, plan.longest
 
     def pad(x):  # [1, H, T, D] → [S, H, M, D], zeros in the padding
@@ -97,13 +104,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         return buf.view(s, m, h, d).transpose(1, 2)
 
     q, k, v = pad(query), pad(key), pad(value)
-    gqa = {}
-    if k.shape[1] != q.shape[1]:
-        gqa = {"enable_gqa": True}
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
                                                            **gqa)  # [S, H, M, D]
-    out = out.transpose(1, 2).reshape(s * m, out.shape[1], out.shape[3]).index_select(0, plan.slot)  # [T, H, D]
-    return out[None], None
+    return out.transpose(1, 2).reshape(s * m, out.shape[1], out.shape[3]).index_select(0, plan.slot)[None]
 
 
 def _mask(*args, **kwargs):
@@ -121,11 +125,10 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(IMPL, torch.compiler.disable(_attention))  # a graph break under torch.compile
+    AttentionInterface.register(IMPL, _attention)
     AttentionMaskInterface.register(IMPL, _mask)
     _registered = True
 
@@ -152,10 +155,18 @@ def install_packed_attention(model) -> bool:
     return True
 
 
+def uninstall_packed_attention(model) -> None:
+    """Back to HF's sdpa (e.g. a copy of the policy that only generates)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = _text_config(hf)
+    if getattr(text, "_attn_implementation", None) == IMPL:
+        text._attn_implementation = "sdpa"
+
+
 def uses_packed_attention(model) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(_text_config(hf), "_attn_implementation", None) == IMPL
 
 
 __all__ = ["IMPL", "PackedPlan", "active_plan", "install_packed_attention", "packed_segments", "plan_from_positions",
-           "uses_packed_attention"]
+           "uninstall_packed_attention", "uses_packed_attention"]

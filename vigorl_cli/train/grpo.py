@@ -140,9 +140,11 @@ def rollout_copy(hf: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     import copy
 
     from vigorl_cli.models.compile import uncompile
+    from vigorl_cli.models.packed_attention import uninstall_packed_attention
 
     shadow = copy.deepcopy(hf).to(dtype)
     uncompile(shadow)  # generation runs eager (transformers compiles the static-cache decode step itself)
+    uninstall_packed_attention(shadow)  # plain sdpa: the compiled decode step stays one graph
     shadow.requires_grad_(False)
     shadow.eval()
     return shadow
