@@ -274,6 +274,18 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
             run.step(1e-6)
             return loss
 
+    if args.profile:  # one extra step under torch.profiler, after the warm-up (not in the timings)
+        from torch.profiler import ProfilerActivity, profile
+
+        for b in batches[:args.warmup]:
+            step(b)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step(batches[-1])
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile: {name} ---\n" + prof.key_averages().table(sort_by=key, row_limit=25,
+                                                                       max_name_column_width=60), flush=True)
     real = [sum(len(e) for e in ex) for ex in steps]
     padded = [int((b["input_ids"] if isinstance(b, dict) else b.input_ids).numel()) for b in batches]
     times = []
@@ -321,6 +333,8 @@ def main() -> None:
     ap.add_argument("--weights", choices=["bf16", "fp32-autocast"], default="bf16")
     ap.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the log-prob head")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak measured on these GPUs")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a torch.profiler table (top 25 kernels by self time) of one step per variant")
     ap.add_argument("--json", default=None, help="write results here (default: $OUT/train_throughput.json)")
     args = ap.parse_args()
     args.batch = args.batch or (2 if args.tiny else 4)

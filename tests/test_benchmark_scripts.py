@@ -81,3 +81,18 @@ def test_grpo_vs_trl_tiny_runs_both_sides_with_matched_config(tmp_path):
     assert max(rep["ours"]["logprob_diff_engine_vs_trainer"]) < 1e-4  # fp32 on CPU
     md = rep["markdown"]
     assert "| vigorl grpo |" in md and "| TRL GRPOTrainer" in md and "speedup (samples/s)" in md
+
+
+def test_attention_kernels_benchmark_arms_agree_with_the_per_sample_reference(tmp_path):
+    """benchmarks/attention_kernels.py on CPU (small shapes, fp32): every arm computes per-sample causal attention."""
+    import json
+    import subprocess
+
+    out = tmp_path / "attn.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--cpu", "--reps", "2",
+                          "--warmup", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {"block-mask", "padded", "vigorl"} <= results.keys()
+    assert all(r["rel_l2_vs_fp32"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in results.values())

@@ -242,7 +242,8 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
 def test_throughput_benchmark_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--tiny", "--variants",
-                          "hf-padded-ckpt,ours-packed-ckpt", "--json", str(out)], capture_output=True, text=True,
+                          "hf-padded-ckpt,ours-packed-ckpt,hf-logprob-nockpt,ours-logprob-nockpt", "--share-images",
+                          "2", "--json", str(out)], capture_output=True, text=True,
                          timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
