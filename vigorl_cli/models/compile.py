@@ -44,19 +44,19 @@ def _fresh_code(name: str):
     return types.FunctionType(code, _part.__globals__, name)
 
 
-def _targets(model: nn.Module, text: bool = True, vision: bool = True) -> list[tuple[nn.Module, str]]:
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     hf = getattr(model, "hf", model)  # a LogProbModel
     hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
     core = getattr(hf, "model", hf)
     out: list[tuple[nn.Module, str]] = []
     lm = getattr(core, "language_model", None)
-    if text and lm is not None and hasattr(lm, "layers"):
+    if lm is not None and hasattr(lm, "layers"):
         for layer in lm.layers:
             out.extend((getattr(layer, n), "text") for n in _TEXT_PARTS if isinstance(getattr(layer, n, None), nn.Module))
         if isinstance(getattr(lm, "norm", None), nn.Module):
             out.append((lm.norm, "text"))
     visual = getattr(core, "visual", None)
-    if vision and visual is not None and hasattr(visual, "blocks"):
+    if visual is not None and hasattr(visual, "blocks"):
         for block in visual.blocks:
             out.extend((getattr(block, n), "vision") for n in _VISION_PARTS
                        if isinstance(getattr(block, n, None), nn.Module))
@@ -69,9 +69,8 @@ def compile_targets(model: nn.Module) -> list[nn.Module]:
     return [m for m, _ in _targets(model)]
 
 
-def compile_blocks(model: nn.Module, text: bool = True, vision: bool = True, **options) -> int:
-    """Compile the modules of :func:`compile_targets` in place (the language model's, the vision tower's, or both);
-    returns how many.
+def compile_blocks(model: nn.Module, **options) -> int:
+    """Compile the modules of :func:`compile_targets` in place; returns how many.
 
     Each module's ``forward`` becomes a compiled function of its own (role, class): separate code objects keep
     their graphs apart, since Dynamo caches graphs per code object. The same norm class serves both towers
@@ -83,7 +82,7 @@ def compile_blocks(model: nn.Module, text: bool = True, vision: bool = True, **o
 
     options.setdefault("dynamic", True)
     fns: dict[tuple[str, type], object] = {}
-    targets = _targets(model, text=text, vision=vision)
+    targets = _targets(model)
     for mod, role in targets:
         key = (role, type(mod))
         if key not in fns:

@@ -134,8 +134,9 @@ def _register() -> None:
 
 
 def _text_config(model):
-    cfg = model.config
-    return getattr(cfg, "text_config", None) or cfg
+    """The language model's config (a peft wrapper is looked through): where ``_attn_implementation`` is read."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf.config, "text_config", None) or hf.config
 
 
 def install_packed_attention(model) -> bool:
@@ -143,8 +144,7 @@ def install_packed_attention(model) -> bool:
 
     Returns whether the model now uses it. Models on flash-attention (HF's varlen path) or eager are left alone.
     Not saved with the model: ``_attn_implementation`` is not part of the serialised config."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text = _text_config(hf)
+    text = _text_config(model)
     impl = getattr(text, "_attn_implementation", None)
     if impl == IMPL:
         return True
@@ -157,15 +157,13 @@ def install_packed_attention(model) -> bool:
 
 def uninstall_packed_attention(model) -> None:
     """Back to HF's sdpa (e.g. a copy of the policy that only generates)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text = _text_config(hf)
+    text = _text_config(model)
     if getattr(text, "_attn_implementation", None) == IMPL:
         text._attn_implementation = "sdpa"
 
 
 def uses_packed_attention(model) -> bool:
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(_text_config(hf), "_attn_implementation", None) == IMPL
+    return getattr(_text_config(model), "_attn_implementation", None) == IMPL
 
 
 __all__ = ["IMPL", "PackedPlan", "active_plan", "install_packed_attention", "packed_segments", "plan_from_positions",

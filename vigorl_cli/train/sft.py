@@ -155,7 +155,7 @@ def build_model(recipe: Recipe, log: Callable[[str], None]):
     return hf, bundle.processor
 
 
-def compile_for_training(recipe: Recipe, model, parallel: str) -> int:
+def compile_for_training(model, parallel: str) -> int:
     """``model.compile``: regional torch.compile of the blocks (models/compile.py); not with DeepSpeed."""
     from vigorl_cli.models.compile import compile_blocks
 
@@ -228,7 +228,7 @@ def train(recipe: Recipe, data: list[str | Path] | None = None, out: str | Path 
         # ---- parallel wrap, optimizer --------------------------------------------------------------------------
         model = LogProbModel(hf, chunk_size=cfg.logprob_chunk)
         if recipe.model.compile:
-            say(f"model.compile: {compile_for_training(recipe, model, cfg.parallel)} blocks compiled (regional)")
+            say(f"model.compile: {compile_for_training(model, cfg.parallel)} blocks compiled (regional)")
         run = wrap(model, dist, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                             bf16=bf16, grad_accum=cfg.grad_accum,
                                             micro_batch_size=cfg.micro_batch_size,
