@@ -26,7 +26,6 @@ from collections.abc import Iterator
 
 from torch import nn
 
-
 _TEXT_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
 _VISION_PARTS = ("norm1", "norm2", "mlp")
 

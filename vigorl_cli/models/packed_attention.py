@@ -58,7 +58,7 @@ def plan_from_positions(text_positions) -> PackedPlan:
     return PackedPlan(total, len(starts), longest, slot)
 
 
-class packed_segments:  # noqa: N801 (a context manager used like a function)
+class packed_segments:
     """Within this block the mask function builds no mask for a ``[1, T]`` row of ``T = len(text_positions)``;
     ``.plan`` is the plan to pass to the forward as ``vigorl_packed_plan``."""
 
