@@ -31,6 +31,7 @@ from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParam
 from vigorl_cli.models.load import (
     SHARED_IMAGE_KINDS,
     ModelBundle,
+    distinct_images,
     mm_token_type_ids,
     shared_image_features,
     vision_special_ids,
@@ -249,21 +250,17 @@ class HFEngine:
         # Every distinct image is processed and encoded once per call, however many rows show it (a GRPO group, the
         # n samples of a request, MCTS nodes of one tree): rows name their images by key (request.image_keys, else
         # the object's identity); the vision tower sees only the distinct ones (see models/load.py shared_image_features).
+        images: list[Any] = []  # every occurrence, in row order
         keys: list[Any] = []
-        occ: list[int] = []  # image occurrence (row order) → index into the distinct images
-        uniq: list[Any] = []
-        row_occ: list[list[int]] = []
+        row_occ: list[list[int]] = []  # per row: its occurrences
         for ri, _, _ in chunk:
             req = requests[ri]
-            mine = []
+            row_occ.append(list(range(len(images), len(images) + len(req.images))))
             for j, img in enumerate(req.images):
-                key = req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
-                if key not in keys:
-                    keys.append(key)
-                    uniq.append(img)
-                mine.append(len(occ))
-                occ.append(keys.index(key))
-            row_occ.append(mine)
+                images.append(img)
+                keys.append(req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img)))
+        first, occ = distinct_images(keys)  # occ: occurrence → index into the distinct images
+        uniq = [images[i] for i in first]
         pv_u, grid_u = self.encode_images(uniq)
         grid_occ = grid_u[torch.tensor(occ, dtype=torch.long)] if uniq else None  # [n_occurrences, 3]
         ids_rows = []

@@ -235,6 +235,20 @@ def mm_token_type_ids(input_ids, config):
 SHARED_IMAGE_KINDS = ("qwen2_vl", "qwen2_5_vl")  # model kinds shared_image_features supports
 
 
+def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
+    """Images named by ``keys`` (one per occurrence) → ``(first, occurrence)``: the position of each distinct key's
+    first occurrence, in order of appearance, and for every occurrence the index of its distinct image."""
+    slot: dict[Any, int] = {}
+    first: list[int] = []
+    occurrence: list[int] = []
+    for i, k in enumerate(keys):
+        if k not in slot:
+            slot[k] = len(first)
+            first.append(i)
+        occurrence.append(slot[k])
+    return first, occurrence
+
+
 @contextlib.contextmanager
 def shared_image_features(model: Any, grid_unique, occurrence: list[int]):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full

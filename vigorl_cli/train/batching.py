@@ -336,7 +336,7 @@ class Collator:
         return pos  # [3, 1, L]
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
-        from vigorl_cli.models.load import mm_token_type_ids
+        from vigorl_cli.models.load import distinct_images, mm_token_type_ids
 
         real = list(examples)
         segs = list(real)
@@ -347,16 +347,13 @@ class Collator:
         occurrence: list[int] | None = None
         per_seg_grids: list[torch.Tensor | None] = []
         if images:
-            keys = [str(img) if isinstance(img, (str, Path)) else id(img) for img in images]
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # key -> first occurrence
-            distinct = sorted(set(first.values()))
+            first, occ = distinct_images([str(img) if isinstance(img, (str, Path)) else id(img) for img in images])
             proc = self.processor.image_processor(
-                images=[_open_rgb(images[i]) for i in (distinct if self.dedupe_images else range(len(images)))],
+                images=[_open_rgb(images[i]) for i in (first if self.dedupe_images else range(len(images)))],
                 return_tensors="pt")
             pixel_values, grid = proc["pixel_values"], proc["image_grid_thw"]  # [P, D], [N, 3]
-            if self.dedupe_images and len(distinct) < len(images):
-                slot = {i: j for j, i in enumerate(distinct)}
-                occurrence = [slot[first[k]] for k in keys]
+            if self.dedupe_images and len(first) < len(images):
+                occurrence = occ
                 grid_unique, grid = grid, grid[torch.tensor(occurrence)]  # grids per occurrence for the positions
             k = 0
             for ex in segs:
