@@ -249,7 +249,7 @@ class HFEngine:
         params = requests[chunk[0][0]].params
         # Every distinct image is processed and encoded once per call, however many rows show it (a GRPO group, the
         # n samples of a request, MCTS nodes of one tree): rows name their images by key (request.image_keys, else
-        # the object's identity); the vision tower sees only the distinct ones (see models/load.py shared_image_features).
+        # the object's identity); the vision tower sees only the distinct ones (models/load.py shared_image_features).
         images: list[Any] = []  # every occurrence, in row order
         keys: list[Any] = []
         row_occ: list[list[int]] = []  # per row: its occurrences

@@ -51,7 +51,8 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     lm = getattr(core, "language_model", None)
     if lm is not None and hasattr(lm, "layers"):
         for layer in lm.layers:
-            out.extend((getattr(layer, n), "text") for n in _TEXT_PARTS if isinstance(getattr(layer, n, None), nn.Module))
+            out.extend((getattr(layer, n), "text") for n in _TEXT_PARTS
+                       if isinstance(getattr(layer, n, None), nn.Module))
         if isinstance(getattr(lm, "norm", None), nn.Module):
             out.append((lm.norm, "text"))
     visual = getattr(core, "visual", None)

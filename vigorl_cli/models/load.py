@@ -252,9 +252,9 @@ def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
 @contextlib.contextmanager
 def shared_image_features(model: Any, grid_unique, occurrence: list[int]):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
-    per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct images and hands
-    back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple per image): see
-    :data:`SHARED_IMAGE_KINDS`. Used by the HF engine (a GRPO group's rows) and the trainer's log-prob passes."""
+    per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct
+    images and hands back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple
+    per image): see :data:`SHARED_IMAGE_KINDS`. Used by the HF engine (a GRPO group's rows) and the trainer's log-prob passes."""
     core = model.model
     original = core.get_image_features
     index = list(occurrence)

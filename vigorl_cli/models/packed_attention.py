@@ -9,10 +9,12 @@ samples right-padded with ``is_causal`` (``docs/performance.md``). Packing then 
 This module registers one attention function, ``vigorl_sdpa``, in transformers' attention interface. Given a packed
 plan (:class:`~vigorl_cli.train.batching.LogProbModel` computes it and passes it as the keyword argument
 ``vigorl_packed_plan`` of the backbone's forward, which transformers hands down to every attention call; a keyword
-argument, not global state, so that gradient checkpointing's recompute in backward sees it too) it scatters the packed queries, keys and values into a right-padded ``[segments, heads, longest, dim]``
-batch, runs **one** causal sdpa call, and gathers the real rows back. Right padding needs no mask under causal
-attention: a real query only sees keys at or before its own position, all real. Only attention sees padding: the
-projections and MLPs, most of the FLOPs, run on real tokens. Outside a plan (unpacked batches, generation) the
+argument, not global state, so that gradient checkpointing's recompute in backward sees it too) it scatters the
+packed queries, keys and values into a right-padded ``[segments, heads, longest, dim]`` batch, runs **one** causal
+sdpa call, and gathers the real rows back: the vision tower's one-call segment attention
+(:func:`~vigorl_cli.models.vision_attention.batched_attention`) with ``causal=True``. Right padding needs no mask
+under causal attention: a real query only sees keys at or before its own position, all real. Only attention sees
+padding: the projections and MLPs, most of the FLOPs, run on real tokens. Outside a plan (unpacked batches, generation) the
 function is HF's own sdpa, and its mask function is HF's ``sdpa_mask``; inside :func:`packed_segments` (around the
 packed forward) the mask function returns None for the packed row, so the T×T mask is never built.
 
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 
+from vigorl_cli.models.vision_attention import _plan, batched_attention
+
 IMPL = "vigorl_sdpa"
 PLAN_KWARG = "vigorl_packed_plan"  # how the plan reaches the attention calls: a forward keyword argument
 _local = threading.local()
@@ -35,12 +39,17 @@ _registered = False
 
 @dataclass
 class PackedPlan:
-    """Where each token of a packed row goes in the padded ``[segments * longest]`` layout (on the row's device)."""
+    """The segments of a packed row: ``cu_seqlens`` boundaries (on the row's device) and the longest segment."""
 
     total: int
     segments: int
     longest: int
-    slot: Any  # [total] long
+    cu_seqlens: Any  # [segments + 1] long
+
+    @property
+    def slot(self):
+        """``[total]``: where each token goes in the right-padded ``[segments * longest]`` layout."""
+        return _plan(self.cu_seqlens, self.total, self.longest).slot
 
 
 def plan_from_positions(text_positions) -> PackedPlan:
@@ -50,12 +59,9 @@ def plan_from_positions(text_positions) -> PackedPlan:
     starts = torch.nonzero(pos == 0).flatten()  # one host sync per forward, not per layer
     if starts.numel() == 0 or int(starts[0]) != 0:
         raise ValueError("packed text positions must start every segment at 0")
-    ends = torch.cat([starts[1:], starts.new_tensor([total])])
-    lengths = ends - starts
-    longest = int(lengths.max())
-    seg = torch.repeat_interleave(torch.arange(len(starts), device=pos.device), lengths, output_size=total)
-    slot = seg * longest + (torch.arange(total, device=pos.device) - starts[seg])
-    return PackedPlan(total, len(starts), longest, slot)
+    cu = torch.cat([starts, starts.new_tensor([total])])
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedPlan(total, len(starts), longest, cu)
 
 
 class packed_segments:
@@ -96,18 +102,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
 @torch.compiler.disable  # a graph break only where a plan is given
 def _packed_attention(query, key, value, plan: PackedPlan, dropout: float, scaling: float | None):
-    s, m = plan.segments, plan.longest
-
-    def pad(x):  # [1, H, T, D] → [S, H, M, D], zeros in the padding
-        h, d = x.shape[1], x.shape[3]
-        buf = x.new_zeros(s * m, h, d).index_copy(0, plan.slot, x[0].transpose(0, 1))
-        return buf.view(s, m, h, d).transpose(1, 2)
-
-    q, k, v = pad(query), pad(key), pad(value)
-    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                           **gqa)  # [S, H, M, D]
-    return out.transpose(1, 2).reshape(s * m, out.shape[1], out.shape[3]).index_select(0, plan.slot)[None]
+    """``[1, H, T, D]`` inputs → ``[1, T, H, D]``: the vision tower's one-call segment attention, made causal."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = batched_attention(q, k, v, plan.cu_seqlens, scaling, dropout, plan.longest, causal=True)
+    return out[None]
 
 
 def _mask(*args, **kwargs):

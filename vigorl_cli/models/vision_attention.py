@@ -97,10 +97,14 @@ def _plan(cu_seqlens, total: int, max_seqlen: int | None) -> _Plan:
     return plan
 
 
-def batched_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, max_seqlen: int | None = None):
-    """Attention within each ``cu_seqlens`` segment of packed ``q, k, v`` ``[total, heads, dim]``, in one sdpa call.
+def batched_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0, max_seqlen: int | None = None,
+                      causal: bool = False):
+    """Attention within each ``cu_seqlens`` segment of packed ``q`` ``[total, heads, dim]`` and ``k, v``
+    ``[total, kv_heads, dim]`` (fewer kv heads: grouped-query attention), in one sdpa call.
 
-    Returns ``[total, heads, dim]``. Equal to running sdpa separately on every segment (HF's loop).
+    Returns ``[total, heads, dim]``. Equal to running sdpa separately on every segment (HF's loop). ``causal``: each
+    segment attends causally; the padding then needs no mask (it sits after every real key of its segment). The
+    language model's packed rows use this too (models/packed_attention.py).
     """
     import torch
 
@@ -109,13 +113,16 @@ def batched_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0,
     s, m = p.segments, p.max_len
 
     def pack(x):
+        h = x.shape[1]
         if p.slot is None:
-            return x.reshape(s, m, heads, dim).transpose(1, 2)
-        buf = x.new_zeros(s * m, heads, dim).index_copy(0, p.slot, x)
-        return buf.view(s, m, heads, dim).transpose(1, 2)
+            return x.reshape(s, m, h, dim).transpose(1, 2)
+        buf = x.new_zeros(s * m, h, dim).index_copy(0, p.slot, x)
+        return buf.view(s, m, h, dim).transpose(1, 2)
 
-    out = torch.nn.functional.scaled_dot_product_attention(pack(q), pack(k), pack(v), attn_mask=p.key_mask,
-                                                           dropout_p=dropout_p, scale=scale, is_causal=False)
+    gqa = {"enable_gqa": True} if k.shape[1] != heads else {}
+    out = torch.nn.functional.scaled_dot_product_attention(pack(q), pack(k), pack(v),
+                                                           attn_mask=None if causal else p.key_mask,
+                                                           dropout_p=dropout_p, scale=scale, is_causal=causal, **gqa)
     out = out.transpose(1, 2).reshape(s * m, heads, dim)
     return out if p.slot is None else out.index_select(0, p.slot)
 
