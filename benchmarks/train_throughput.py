@@ -17,8 +17,9 @@ Variants (``--variants``; default: all):
                                (models/vision_attention.py; the hf variants keep HF's per-window loop)
   ours-packed-{ckpt,nockpt}    the same, padding-free: all samples of the step in one row; attention per sample in
                                one causal sdpa call (models/packed_attention.py), no T×T mask
-  ours-packed-*-compile        the same with ``model.compile`` (regional torch.compile of every decoder layer and
-                               vision block; models/compile.py); compile time is spent in the warm-up steps
+  ours-packed-*-compile        the same with ``model.compile`` (regional torch.compile of the norms and MLPs of
+                               every decoder layer and vision block; models/compile.py); compile time is spent in
+                               the warm-up steps
   hf-logprob-nockpt            the GRPO old/ref log-prob pass, forward only: plain HF ``model(...,
                                logits_to_keep=K).logits`` (K = longest reply + 1, as TRL does), fp32 log-softmax
                                row by row, gather; HF's per-window vision attention
@@ -206,17 +207,16 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
     if impl == "hf" and layout == "logprob":
         keep = max(sum(t != IGNORE for t in ex.labels) for exs in steps for ex in exs) + 1
 
-        def hf_lp_inputs(b):
+        def hf_lp_inputs(b):  # the targets travel with their batch (not model inputs: popped in step)
             return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, mm_token_type_ids=b.mm_token_type_ids,
-                        pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw, use_cache=False)
+                        pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw, use_cache=False,
+                        targets=b.targets[:, -keep:])
 
-        targets = [b.targets for b in batches]
         batches = [hf_lp_inputs(b) for b in batches]
 
-        def step(b, i=[0]):
+        def step(b):
             inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            tgt = targets[i[0] % len(targets)][:, -keep:].to(device)
-            i[0] += 1
+            tgt = inputs.pop("targets")
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(**inputs, logits_to_keep=keep).logits  # [B, keep, V]
                 out = torch.zeros(tgt.shape, device=device)
@@ -320,7 +320,8 @@ def run_variant(name: str, model, steps: list[list[Example]], collator_padded, c
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU (smoke test)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated; all: " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="comma-separated; all: " + ", ".join(VARIANTS))
     ap.add_argument("--batch", type=int, default=None, help="samples per optimizer step (default 4; tiny 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="longest sample (default 2048; tiny 256)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest sample (default seq-len / 2)")
