@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -137,29 +138,72 @@ def test_an_image_shown_to_many_rows_is_encoded_once_with_identical_results(tiny
 
 
 def test_static_cache_gives_the_dynamic_cache_tokens_and_logprobs(tiny_bundle):
-    """engine.static_cache: transformers' static KV cache (compiled into CUDA graphs on a GPU); the cache length is
-    bucketed, and the tokens and raw log-probs are those of the dynamic cache, with left-padded rows of different
-    prompt widths, across calls of different widths."""
-    reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=10, temperature=1.0),
-            _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=10,
-                 temperature=1.0)]
+    """engine.static_cache runs our decode loop (engines/static_decode.py: one CUDA graph per step on a GPU, the same
+    step function eagerly on CPU): tokens and raw log-probs equal the dynamic cache's for left-padded rows of different
+    prompt widths, across calls of different widths, with temperature / top-p / top-k / repetition penalty, greedy,
+    stop strings, and a text-only request; the cache length is bucketed and a call of the same shape reuses its state."""
     dyn = HFEngine(tiny_bundle, batch_size=8)
     static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
-    seen = []
-    orig = tiny_bundle.model.generate
-
-    def spy(*a, **kw):
-        seen.append((kw["generation_config"].cache_implementation, kw["generation_config"].max_cache_len))
-        return orig(*a, **kw)
-
-    tiny_bundle.model.generate = spy
-    try:
+    assert static._decoder is not None
+    text_only = GenerationRequest(tiny_bundle.tokenizer("hello there, how", add_special_tokens=False)["input_ids"], [],
+                                  SamplingParams(seed=3, max_new_tokens=24))
+    for kw in (dict(temperature=1.0), dict(temperature=0.0),
+               dict(temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.3), dict(temperature=1.0, stop=("e",))):
+        reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=24, **kw),
+                _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=24,
+                     **kw)]
         for batch in (reqs, reqs[:1]):
             want, got = dyn.generate(batch), static.generate(batch)
             for w, g in zip(want, got, strict=True):
-                assert g[0].token_ids == w[0].token_ids
+                assert g[0].token_ids == w[0].token_ids and g[0].finish_reason == w[0].finish_reason
                 assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-5)
-    finally:
-        del tiny_bundle.model.generate
-    statics = [s for s in seen if s[0] == "static"]
-    assert len(statics) == 2 and all(n == HFEngine.CACHE_BUCKET for _, n in statics)
+    assert static.generate([text_only])[0][0].token_ids == dyn.generate([text_only])[0][0].token_ids
+    assert {k[1] for k in static._decoder.states} == {HFEngine.CACHE_BUCKET}
+    n_states = len(static._decoder.states)
+    static.generate([_req(tiny_bundle, "Same shape again?", IM1, seed=9, max_new_tokens=24, temperature=1.0)])
+    assert len(static._decoder.states) == n_states  # (batch 1, 1024 slots, 24 tokens, sampling) was seen: reused
+
+
+@pytest.mark.parametrize("name,attn", [("tiny-qwen2-vl", "sdpa"), ("tiny-qwen3-vl", "sdpa"),
+                                       ("tiny-qwen2.5-vl", "eager")])
+def test_static_decode_matches_generate_for_every_qwen_family_and_eager_attention(name, attn):
+    """Qwen2-VL and Qwen3-VL positions come from their own get_rope_index; eager attention takes an additive mask."""
+    from vigorl_cli.models.load import load_model
+
+    bundle = load_model(name, attn_implementation=attn)
+    dyn, static = HFEngine(bundle, batch_size=8), HFEngine(bundle, batch_size=8, static_cache=True)
+    assert static._decoder is not None and static._decoder.additive_mask == (attn == "eager")
+    reqs = [_req(bundle, "What colour is it?", IM1, seed=1, max_new_tokens=20),
+            _req(bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=20)]
+    for w, g in zip(dyn.generate(reqs), static.generate(reqs), strict=True):
+        assert g[0].token_ids == w[0].token_ids
+        assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-5)
+
+
+def test_static_decode_stops_early_once_every_row_finished(tiny_bundle):
+    """The host looks every CHECK_EVERY steps: once every row has sampled an eos (or completed a stop string), the
+    loop stops instead of decoding max_new_tokens; the completions are cut as with generate."""
+    from vigorl_cli.engines.static_decode import StaticDecoder
+
+    greedy = dict(temperature=0.0, max_new_tokens=60)
+    probe = HFEngine(tiny_bundle).generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0].token_ids
+    eos = probe[2]  # make the third greedy token an end token
+    dyn, static = HFEngine(tiny_bundle), HFEngine(tiny_bundle, static_cache=True)
+    dyn.eos_ids = static.eos_ids = static._decoder.eos_ids = [eos]
+    steps = []
+    orig = static._decoder.generate
+
+    def spy(*a, **kw):
+        toks, lps = orig(*a, **kw)
+        steps.append(len(toks[0]))
+        return toks, lps
+
+    static._decoder.generate = spy
+    got = static.generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0]
+    assert got.token_ids == dyn.generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0].token_ids == probe[:3]
+    assert got.stop_reason == "eos" and steps == [StaticDecoder.CHECK_EVERY]
+    static.eos_ids = static._decoder.eos_ids = [-1]
+    static._decoder.states.clear()
+    stop = static.generate([_req(tiny_bundle, "x", IM1, temperature=0.0, max_new_tokens=60,
+                                 stop=(tiny_bundle.tokenizer.decode(probe[:2]),))])[0][0]
+    assert stop.token_ids == probe[:2] and steps[-1] == StaticDecoder.CHECK_EVERY

@@ -54,7 +54,7 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
     """``[B, V]`` Gumbel(0, 1) noise that depends only on (row seed, step, token id): a counter-based RNG.
 
     Sampling ``argmax(logits / T + noise)`` draws from ``softmax(logits / T)`` (the Gumbel-max trick), and because
@@ -85,33 +85,42 @@ class SeededSampler(LogitsProcessor):
         return torch.stack(self._steps, dim=1).float().cpu().tolist()  # [B, steps]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        raw = scores.float()  # [B, V]
-        logp_raw = torch.log_softmax(raw, dim=-1)  # [B, V] policy log-probs at T=1
-        x = raw.clone()
-        if self.suppress is not None:
-            x[:, self.suppress] = float("-inf")
-        if self.p.repetition_penalty != 1.0:
-            seen = torch.gather(x, 1, input_ids)
-            seen = torch.where(seen < 0, seen * self.p.repetition_penalty, seen / self.p.repetition_penalty)
-            x = x.scatter(1, input_ids, seen)
-        if self.p.temperature <= 0:
-            chosen = x.argmax(dim=-1)  # [B]
-        else:
-            x = x / self.p.temperature
-            if self.p.top_k and self.p.top_k > 0:
-                kth = torch.topk(x, min(self.p.top_k, x.shape[-1]), dim=-1).values[:, -1:]
-                x = x.masked_fill(x < kth, float("-inf"))
-            if self.p.top_p < 1.0:
-                sorted_x, idx = torch.sort(x, dim=-1, descending=True)
-                probs = torch.softmax(sorted_x, dim=-1)
-                drop = (probs.cumsum(dim=-1) - probs) >= self.p.top_p  # keep the smallest prefix reaching top_p
-                x = x.scatter(1, idx, sorted_x.masked_fill(drop, float("-inf")))
-            step = len(self._steps)
-            chosen = (x.double() + gumbel_noise(self.seeds, step, x.shape[-1])).argmax(dim=-1)  # [B]
-        self._steps.append(logp_raw.gather(1, chosen[:, None]).squeeze(1))  # [B], kept on device until the end
+        chosen, logp = sample_next(scores.float(), input_ids, self.p, self.seeds, self.suppress, len(self._steps))
+        self._steps.append(logp)  # [B], kept on device until the end
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen[:, None], 0.0)
         return out
+
+
+def sample_next(raw: torch.Tensor, seen_ids: torch.Tensor, p: SamplingParams, seeds: torch.Tensor,
+                suppress: torch.Tensor | None, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step, shared by ``generate``'s logits processor and the static decode loop's CUDA graph.
+
+    ``raw``: ``[B, V]`` fp32 logits; ``seen_ids``: ``[B, *]`` tokens the repetition penalty looks at; ``step``: the
+    index of the token being sampled (an int, or a 0-d tensor inside a captured graph). Returns the chosen tokens
+    ``[B]`` and their raw log-probs ``[B]`` (temperature 1, before suppression and penalties). No host sync."""
+    logp_raw = torch.log_softmax(raw, dim=-1)  # [B, V] policy log-probs at T=1
+    x = raw.clone()
+    if suppress is not None:
+        x[:, suppress] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        seen = torch.gather(x, 1, seen_ids)
+        seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        x = x.scatter(1, seen_ids, seen)
+    if p.temperature <= 0:
+        chosen = x.argmax(dim=-1)  # [B]
+    else:
+        x = x / p.temperature
+        if p.top_k and p.top_k > 0:
+            kth = torch.topk(x, min(p.top_k, x.shape[-1]), dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, idx = torch.sort(x, dim=-1, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            drop = (probs.cumsum(dim=-1) - probs) >= p.top_p  # keep the smallest prefix reaching top_p
+            x = x.scatter(1, idx, sorted_x.masked_fill(drop, float("-inf")))
+        chosen = (x.double() + gumbel_noise(seeds, step, x.shape[-1])).argmax(dim=-1)  # [B]
+    return chosen, logp_raw.gather(1, chosen[:, None]).squeeze(1)
 
 
 def _all_reduce_max(n: int) -> int:
@@ -147,12 +156,13 @@ class HFEngine:
         collective as well). ``generate_fn``: called instead of ``model.generate`` with the same keyword arguments
         (e.g. through the FSDP root's forward, so that the root's parameters are gathered around it).
 
-        ``static_cache``: generate with transformers' static KV cache. On CUDA, transformers then compiles the decode
-        step (``torch.compile`` mode ``reduce-overhead``: CUDA graphs), which removes the per-step launch overhead
-        that bounds eager decoding. Prompts are left-padded to a multiple of :attr:`WIDTH_BUCKET` tokens and the cache
-        length is rounded up to a multiple of :attr:`CACHE_BUCKET` (where transformers takes ``max_cache_len``;
-        it never shrinks), so calls with other prompt widths reuse the compiled graphs; each new batch size compiles
-        once. On CPU the static cache runs uncompiled (same tokens as the dynamic cache)."""
+        ``static_cache``: decode over a static KV cache. For the Qwen-VL families (sdpa or eager attention) this is
+        our own loop (:mod:`vigorl_cli.engines.static_decode`): on CUDA each decode step — forward, sampling,
+        bookkeeping — is one captured CUDA graph, and the host checks for finished rows every few steps; on CPU the
+        same step runs eagerly (same tokens and log-probs as the dynamic cache). Other models use transformers'
+        static-cache ``generate`` (which compiles the forward on CUDA). Prompts are left-padded to a multiple of
+        :attr:`WIDTH_BUCKET` tokens and the cache length is rounded up to a multiple of :attr:`CACHE_BUCKET`, so
+        calls of one batch size reuse the captured graphs."""
         self.autocast_dtype = autocast_dtype
         self.synced_gpus = bool(synced_gpus)
         self.static_cache = bool(static_cache) and not synced_gpus
@@ -175,6 +185,11 @@ class HFEngine:
             eos.append(im_end)
         self.eos_ids = eos
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
+        from vigorl_cli.engines import static_decode
+
+        self._decoder = (static_decode.StaticDecoder(self.model, self.eos_ids, self.suppress)
+                         if self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
+                         else None)
         self._calls = 0
 
     # -- public -----------------------------------------------------------------------------------------------
@@ -289,6 +304,23 @@ class HFEngine:
         if pix:
             inputs["pixel_values"] = torch.cat(pix).to(device, dtype=self.model.dtype)
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
+        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        shared = (shared_image_features(self.model, grid_u.to(device), occ) if pix and share
+                  else contextlib.nullcontext())
+        if self._decoder is not None:  # engine.static_cache: our decode loop, one CUDA graph per step
+            need = width + params.max_new_tokens
+            checked = [0] * len(chunk)
+
+            def stop_hit(row: int, tokens: list[int]) -> bool:
+                start, checked[row] = max(0, checked[row] - 1), len(tokens)
+                return self._cut(tokens, params, start) is not None
+
+            with shared:
+                toks, lps = self._decoder.generate(
+                    inputs, params, [s for _, _, s in chunk], -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET,
+                    stop_hit=stop_hit if params.stop else None, autocast_dtype=self.autocast_dtype)
+            return [self._finish(toks[i], lps[i], params) for i in range(len(chunk))]
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
@@ -300,10 +332,6 @@ class HFEngine:
         # swap in a clean one so that no processor runs before the sampler and log-probs stay raw.
         saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                    else contextlib.nullcontext())
-        shared = (shared_image_features(self.model, grid_u.to(device), occ) if pix and share
-                  else contextlib.nullcontext())
         try:
             extra = {"synced_gpus": True} if self.synced_gpus else {}
             with autocast, shared:
@@ -316,20 +344,26 @@ class HFEngine:
         logprobs = sampler.logprobs
         return [self._finish(new[i], logprobs[i], params) for i in range(len(chunk))]
 
-    def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
-        """Cut a row at its first eos token or stop string (inclusive); what follows is padding."""
+    def _cut(self, tokens: list[int], params: SamplingParams, start: int = 0) -> tuple[int, str] | None:
+        """The index of the first token from ``start`` on that ends the completion (an eos token, or the token
+        completing a stop string) and why, else None."""
         longest = max((len(s) for s in params.stop), default=0)
-        for i, t in enumerate(tokens):
-            if t in self.eos_ids:
-                kept = tokens[:i + 1]
-                return Completion(kept, self.tok.decode(kept, skip_special_tokens=False), logprobs[:i + 1],
-                                  "stop", "eos")
+        for i in range(start, len(tokens)):
+            if tokens[i] in self.eos_ids:
+                return i, "eos"
             if params.stop:
                 tail = self.tok.decode(tokens[max(0, i - longest - 1):i + 1], skip_special_tokens=False)
                 hit = next((s for s in params.stop if s in tail), None)
                 if hit is not None:
-                    kept = tokens[:i + 1]
-                    return Completion(kept, self.tok.decode(kept, skip_special_tokens=False), logprobs[:i + 1],
-                                      "stop", hit)
+                    return i, hit
+        return None
+
+    def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
+        """Cut a row at its first eos token or stop string (inclusive); what follows is padding."""
+        cut = self._cut(tokens, params)
+        if cut is not None:
+            kept = tokens[:cut[0] + 1]
+            return Completion(kept, self.tok.decode(kept, skip_special_tokens=False), logprobs[:cut[0] + 1],
+                              "stop", cut[1])
         return Completion(tokens, self.tok.decode(tokens, skip_special_tokens=False), logprobs[:len(tokens)],
                           "length", None)
