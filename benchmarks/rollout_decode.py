@@ -12,7 +12,8 @@ The ``vigorl_hf_engine_static_cache`` arm is the engine with ``engine.static_cac
 cache with each decode step (forward + sampling) captured as one CUDA graph (engines/static_decode.py; its warm-up
 call captures). ``plain_hf_generate_static`` is plain HF's own fast path for comparison: ``generate`` with
 ``cache_implementation="static"``, which compiles the forward (``reduce-overhead``; its warm-up call pays the compile).
-``agree_with_dynamic`` (static arm): the fraction of rows whose tokens equal the dynamic-cache engine's (bf16 numerics
+``vigorl_hf_engine_static_cache_compiled`` adds ``model.compile``'s regional compile of norms and MLPs (the
+captured graph then replays fused kernels; it stays compiled: run it last). ``agree_with_dynamic`` (static arm): the fraction of rows whose tokens equal the dynamic-cache engine's (bf16 numerics
 of two attention kernels can flip a near-tie, after which a row diverges).
 """
 
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--arms", default="plain_hf_generate,vigorl_hf_engine,vigorl_hf_engine_no_image_dedupe,"
                                       "vigorl_hf_engine_static_cache",
                     help="which arms, in order (the static-cache arm's warm-up call compiles the decode step)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also: a torch.profiler table of the static-cache engine decoding eagerly (the kernels its "
+                         "CUDA graph replays), and whether graph and eager decoding give the same tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -93,6 +97,18 @@ def main() -> None:
         set_vision_attention(model, "auto")
         return eng_static.generate(reqs)
 
+    eng_compiled = None
+
+    def ours_static_compiled():  # model.compile's regional compile (norms + MLPs), then the static decode loop
+        nonlocal eng_compiled
+        from vigorl_cli.models.compile import compile_blocks, is_compiled
+
+        set_vision_attention(model, "auto")
+        if not is_compiled(model):
+            compile_blocks(model)
+            eng_compiled = HFEngine(bundle, batch_size=args.batch, static_cache=True)
+        return eng_compiled.generate(reqs)
+
     def plain_static():
         set_vision_attention(model, "hf")
         with torch.no_grad():
@@ -101,7 +117,8 @@ def main() -> None:
                                   cache_implementation="static")
 
     arms = {"plain_hf_generate": plain, "plain_hf_generate_static": plain_static, "vigorl_hf_engine": ours, "vigorl_hf_engine_no_image_dedupe": ours_no_dedupe,
-            "vigorl_hf_engine_static_cache": ours_static}
+            "vigorl_hf_engine_static_cache": ours_static,
+            "vigorl_hf_engine_static_cache_compiled": ours_static_compiled}
     results = {}
     for name in [a.strip() for a in args.arms.split(",")]:
         fn = arms[name]
@@ -125,6 +142,23 @@ def main() -> None:
             results[name]["agree_with_dynamic"] = round(
                 sum(a[0].token_ids == b[0].token_ids for a, b in zip(dyn, out)) / len(out), 3)
             results[name]["graphs_captured"] = eng_static._decoder.captures if eng_static._decoder else 0
+            results[name]["capture_error"] = eng_static._decoder.capture_error if eng_static._decoder else None
+            results[name]["first_token_agree"] = round(
+                sum(a[0].token_ids[:1] == b[0].token_ids[:1] for a, b in zip(dyn, out)) / len(out), 3)
+            if args.profile:
+                eager = HFEngine(bundle, batch_size=args.batch, static_cache=True)
+                eager._decoder.use_graphs = False
+                results[name]["graph_equals_eager"] = round(
+                    sum(a[0].token_ids == b[0].token_ids for a, b in zip(eager.generate(reqs), out)) / len(out), 3)
+                from torch.profiler import ProfilerActivity, profile
+
+                short = [GenerationRequest(r.prompt_ids, r.images, r.params.with_(max_new_tokens=33)) for r in reqs]
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else
+                             [ProfilerActivity.CPU]) as prof:
+                    eager.generate(short)
+                    sync()
+                key = "self_device_time_total" if cuda else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
         print(json.dumps({name: results[name]}), flush=True)
     final = {"benchmark": "rollout_decode", "device": torch.cuda.get_device_name(0) if cuda else "cpu",
              "batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "results": results,

@@ -492,6 +492,7 @@ def test_multiturn_grpo_step_with_a_zoom_crop(tmp_path, demo_root, monkeypatch):
     train(r, out=out, log=lambda *_: None)
     m = _metrics(out)[0]
     eng = engines[0]
+    assert eng.inner.bundle.kind == "qwen2_5_vl"  # the family, so the engine shares a group's image encodings
     assert eng.scripted == 4 and eng.sampled_with_crops == 4  # every episode: tool call, then a turn over 2 images
     assert m["crops"] == 1.0 and m["turns"] == 2.0 and m["trained_frac"] == 1.0
     assert all(rec["crops"] and rec["segments"][3]["kind"] == "observation" for rec in _rollouts(out, 1))

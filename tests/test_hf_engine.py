@@ -207,3 +207,45 @@ def test_static_decode_stops_early_once_every_row_finished(tiny_bundle):
     stop = static.generate([_req(tiny_bundle, "x", IM1, temperature=0.0, max_new_tokens=60,
                                  stop=(tiny_bundle.tokenizer.decode(probe[:2]),))])[0][0]
     assert stop.token_ids == probe[:2] and steps[-1] == StaticDecoder.CHECK_EVERY
+
+
+def test_decode_attention_equals_hf_sdpa_without_repeating_the_cache(tiny_bundle):
+    """The decode step's grouped-query attention (G query heads of one key/value head as G queries of one sdpa head)
+    equals HF's sdpa (which repeats every key/value head G times under a mask) for a padded, partly written static
+    cache, and the static decode loop routes the language model's attention through it (and back afterwards)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import vigorl_cli.engines.static_decode as sd
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, L, D = 3, 8, 2, 40, 16
+    q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((Hq, 1), (Hkv, L), (Hkv, L)))
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., :30] = True
+    mask[1, ..., 5:22] = True  # left padding, then unwritten slots
+    mask[2, ..., 12:13] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = Hq // Hkv, True, False
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, _ = sd._decode_attention(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (B, 1, Hq, D)
+    assert torch.allclose(got, want, atol=1e-6)
+
+    calls = []
+    orig = sd._decode_attention
+
+    def spy(module, query, *a, **kw):
+        calls.append(query.shape[2])
+        return orig(module, query, *a, **kw)
+
+    sd._register()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(sd.DECODE_IMPL, spy)
+    try:
+        HFEngine(tiny_bundle, static_cache=True).generate([_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=5)])
+    finally:
+        AttentionInterface.register(sd.DECODE_IMPL, orig)
+    layers = tiny_bundle.model.config.text_config.num_hidden_layers
+    assert calls == [1] * (4 * layers)  # 4 decode steps (the prefill samples the first token) through every layer
+    assert tiny_bundle.model.config.text_config._attn_implementation == "sdpa"

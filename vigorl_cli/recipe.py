@@ -149,7 +149,7 @@ class EngineConfig:
     static_cache: bool = F(False, "hf: static KV cache and our decode loop, each decode step (forward + sampling) "
                                   "captured as one CUDA graph on a GPU (Qwen-VL families, sdpa/eager attention; "
                                   "others: transformers' compiled static-cache generate); cache length bucketed to "
-                                  "multiples of 1024 tokens, graphs reused across calls of one batch size")
+                                  "multiples of 256 tokens, graphs reused across calls of one batch size")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

@@ -102,7 +102,7 @@ def sample_next(raw: torch.Tensor, seen_ids: torch.Tensor, p: SamplingParams, se
     logp_raw = torch.log_softmax(raw, dim=-1)  # [B, V] policy log-probs at T=1
     x = raw.clone()
     if suppress is not None:
-        x[:, suppress] = float("-inf")
+        x.index_fill_(1, suppress, float("-inf"))  # a scalar fill: no host tensor (CUDA-graph capture)
     if p.repetition_penalty != 1.0:
         seen = torch.gather(x, 1, seen_ids)
         seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
@@ -139,7 +139,7 @@ class HFEngine:
     """Batched sampling with ``model.generate``. Requests with equal sampling settings share a batch."""
 
     name = "hf"
-    CACHE_BUCKET = 1024  # static cache lengths are multiples of this (transformers >= 5.19: max_cache_len)
+    CACHE_BUCKET = 256  # static cache lengths are multiples of this (attention reads every slot of the cache)
     WIDTH_BUCKET = 64  # static cache: prompts are left-padded to a multiple of this
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16, seed: int = 0,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,57 @@ from typing import Any
 import torch
 
 SUPPORTED_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+DECODE_IMPL = "vigorl_decode"
+_registered = False
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs):
+    """HF attention-interface signature. One query token per row (a decode step) over a grouped-query cache: the
+    ``G = Hq / Hkv`` query heads that share a key/value head become ``G`` queries of one sdpa head, so sdpa runs on
+    the cache as stored. HF's sdpa path instead repeats every key/value head ``G`` times whenever a mask is given
+    (a static cache always needs one for its unwritten and padding slots): at B=32 and a 512-slot cache that copy
+    moves more bytes per step than the weights. Prefill (several query tokens) is HF's sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    if T != 1 or Hq == Hkv or Hq % Hkv or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q = query.reshape(B, Hkv, Hq // Hkv, D)  # kv head j serves query heads j*G .. (j+1)*G - 1 (repeat_kv's order)
+    mask = attention_mask[:, :, :, : key.shape[2]]  # [B, 1, 1, L]: the same slots for every query of a row
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2), None  # [B, 1, Hq, D]
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(DECODE_IMPL, _decode_attention)
+        _registered = True
+
+
+@contextlib.contextmanager
+def decode_attention(model: torch.nn.Module):
+    """Route the language model's attention through :func:`_decode_attention` (sdpa models only) for a while."""
+    from vigorl_cli.models.packed_attention import _text_config
+
+    text = _text_config(model)
+    impl = getattr(text, "_attn_implementation", None)
+    if impl not in ("sdpa", "vigorl_sdpa"):
+        yield
+        return
+    _register()
+    text._attn_implementation = DECODE_IMPL
+    try:
+        yield
+    finally:
+        text._attn_implementation = impl
 
 
 def _rope_owner(model: torch.nn.Module) -> Any | None:
@@ -106,6 +158,7 @@ class StaticDecoder:
         self.states: OrderedDict[tuple, _State] = OrderedDict()
         self.additive_mask = _attn_implementation(model) == "eager"
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+        self.capture_error: str | None = None
 
     def reset(self) -> None:
         """Drop every cache and captured graph (e.g. after the model's weights moved to new storage)."""
@@ -191,7 +244,7 @@ class StaticDecoder:
         st = self._state(B, cache_len, max_new, params, device, dtype)
         if st.graph is not None and st.weights != self._weights():  # parameters moved: capture again
             st.graph, st.eager_steps = None, 0
-        graphs = (device.type == "cuda") if self.use_graphs is None else (self.use_graphs and device.type == "cuda")
+        graphs = device.type == "cuda" and self.use_graphs is not False
         autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)
                     if autocast_dtype is not None else contextlib.nullcontext())
 
@@ -224,6 +277,15 @@ class StaticDecoder:
         st.pos.copy_(pos.amax(dim=2, keepdim=True).amax(dim=0, keepdim=True).expand(3, B, 1) + 1)
         st.cur.fill_(W)
 
+        with decode_attention(self.model):
+            n = self._decode(st, params, W, max_new, stop_hit, graphs, autocast, device)
+        toks = st.out_tok[:, :n].tolist()
+        lps = st.out_lp[:, :n].tolist()
+        return toks, lps
+
+    def _decode(self, st: _State, params: Any, W: int, max_new: int, stop_hit: Any, graphs: bool, autocast: Any,
+                device: torch.device) -> int:
+        """Decode steps 1 .. max_new - 1 (fewer when every row finished); returns the number of tokens sampled."""
         n = 1
         while n < max_new:
             if n % self.CHECK_EVERY == 0 and self._finished(st, n, stop_hit):
@@ -231,8 +293,8 @@ class StaticDecoder:
             if graphs and st.graph is not None:
                 st.graph.replay()
             elif graphs and st.eager_steps >= self.WARMUP_STEPS and max_new - n > 1:
-                self._capture(st, params, W, autocast)
-                continue  # capturing does not run the step: replay it on the next turn
+                graphs = self._capture(st, params, W, autocast)
+                continue  # capturing does not run the step: replay it (or run it eagerly) on the next turn
             elif graphs:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
@@ -244,9 +306,7 @@ class StaticDecoder:
                 with autocast:
                     self._decode_step(st, params, W)
             n += 1
-        toks = st.out_tok[:, :n].tolist()
-        lps = st.out_lp[:, :n].tolist()
-        return toks, lps
+        return n
 
     def _as_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if not self.additive_mask:
@@ -254,15 +314,26 @@ class StaticDecoder:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
-    def _capture(self, st: _State, params: Any, width: int, autocast: Any) -> None:
+    def _capture(self, st: _State, params: Any, width: int, autocast: Any) -> bool:
+        """Record one decode step as a CUDA graph. If the model's forward cannot be captured (a host sync or a host
+        tensor inside it), say so once and keep decoding eagerly: same tokens, only slower."""
         st.graph = None
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), autocast:
-            self._decode_step(st, params, width)
+        try:
+            with torch.cuda.graph(g), autocast:
+                self._decode_step(st, params, width)
+        except RuntimeError as e:
+            self.capture_error = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"static decode: CUDA graph capture failed, decoding eagerly ({self.capture_error})",
+                          stacklevel=3)
+            self.use_graphs = False
+            torch.cuda.synchronize()
+            return False
         st.graph = g
         st.weights = self._weights()
         self.captures += 1
+        return True
 
     def _finished(self, st: _State, n: int, stop_hit: Any) -> bool:
         """Every row has sampled an eos or completed a stop string (one host sync per check)."""

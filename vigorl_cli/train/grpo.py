@@ -143,7 +143,7 @@ def rollout_copy(hf: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     from vigorl_cli.models.packed_attention import uninstall_packed_attention
 
     shadow = copy.deepcopy(hf).to(dtype)
-    uncompile(shadow)  # generation runs eager (transformers compiles the static-cache decode step itself)
+    uncompile(shadow)  # generation runs eager (the static decode loop captures its own CUDA graphs)
     uninstall_packed_attention(shadow)  # plain sdpa: the compiled decode step stays one graph
     shadow.requires_grad_(False)
     shadow.eval()
@@ -206,7 +206,7 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models import prompts
     from vigorl_cli.models.compile import compile_blocks, eager
-    from vigorl_cli.models.load import ModelBundle
+    from vigorl_cli.models.load import ModelBundle, model_kind
     from vigorl_cli.rewards.presets import RewardInput, build_reward
     from vigorl_cli.train.batching import IGNORE, Collator, LogProbModel, rope_index_of
     from vigorl_cli.train.checkpoint import (latest_checkpoint, link_or_copy_tree, load_checkpoint,
@@ -271,7 +271,9 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
             shadow = rollout_copy(hf, torch.bfloat16)
         if backend == "hf":
             # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
-            engine = HFEngine(ModelBundle(shadow if shadow is not None else hf, processor, model_name, "policy"),
+            # kind = the model family (not a role name): image sharing and the static decode loop key on it
+            engine = HFEngine(ModelBundle(shadow if shadow is not None else hf, processor, model_name,
+                                          model_kind(hf.config)),
                               batch_size=recipe.engine.batch_size, seed=recipe.seed,
                               autocast_dtype=torch.bfloat16 if bf16 and shadow is None else None, synced_gpus=synced,
                               static_cache=recipe.engine.static_cache,
