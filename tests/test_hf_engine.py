@@ -189,7 +189,7 @@ def test_static_decode_stops_early_once_every_row_finished(tiny_bundle):
     probe = HFEngine(tiny_bundle).generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0].token_ids
     eos = probe[2]  # make the third greedy token an end token
     dyn, static = HFEngine(tiny_bundle), HFEngine(tiny_bundle, static_cache=True)
-    dyn.eos_ids = static.eos_ids = static._decoder.eos_ids = [eos]
+    dyn.eos_ids = static.eos_ids = [eos]
     steps = []
     orig = static._decoder.generate
 
@@ -202,8 +202,7 @@ def test_static_decode_stops_early_once_every_row_finished(tiny_bundle):
     got = static.generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0]
     assert got.token_ids == dyn.generate([_req(tiny_bundle, "x", IM1, **greedy)])[0][0].token_ids == probe[:3]
     assert got.stop_reason == "eos" and steps == [StaticDecoder.CHECK_EVERY]
-    static.eos_ids = static._decoder.eos_ids = [-1]
-    static._decoder.states.clear()
+    static.eos_ids = [-1]
     stop = static.generate([_req(tiny_bundle, "x", IM1, temperature=0.0, max_new_tokens=60,
                                  stop=(tiny_bundle.tokenizer.decode(probe[:2]),))])[0][0]
     assert stop.token_ids == probe[:2] and steps[-1] == StaticDecoder.CHECK_EVERY

@@ -187,7 +187,7 @@ class HFEngine:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
         from vigorl_cli.engines import static_decode
 
-        self._decoder = (static_decode.StaticDecoder(self.model, self.eos_ids, self.suppress)
+        self._decoder = (static_decode.StaticDecoder(self.model)
                          if self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
                          else None)
         self._calls = 0
@@ -319,7 +319,8 @@ class HFEngine:
             with shared:
                 toks, lps = self._decoder.generate(
                     inputs, params, [s for _, _, s in chunk], -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET,
-                    stop_hit=stop_hit if params.stop else None, autocast_dtype=self.autocast_dtype)
+                    self.eos_ids, self.suppress, stop_hit=stop_hit if params.stop else None,
+                    autocast_dtype=self.autocast_dtype)
             return [self._finish(toks[i], lps[i], params) for i in range(len(chunk))]
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,

@@ -149,11 +149,8 @@ class StaticDecoder:
     WARMUP_STEPS = 2  # eager steps (side stream) before a graph is captured
     MAX_STATES = 4
 
-    def __init__(self, model: torch.nn.Module, eos_ids: list[int], suppress_ids: list[int],
-                 use_graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, use_graphs: bool | None = None):
         self.model = model
-        self.eos_ids = list(eos_ids)
-        self.suppress_ids = list(suppress_ids)
         self.use_graphs = use_graphs
         self.states: OrderedDict[tuple, _State] = OrderedDict()
         self.additive_mask = _attn_implementation(model) == "eager"
@@ -195,11 +192,11 @@ class StaticDecoder:
 
     # -- state ------------------------------------------------------------------------------------------------
     def _state(self, batch: int, cache_len: int, max_new: int, params: Any, device: torch.device,
-               dtype: torch.dtype) -> _State:
+               dtype: torch.dtype, eos_ids: tuple[int, ...], suppress_ids: tuple[int, ...]) -> _State:
         from transformers import StaticCache
 
         key = (batch, cache_len, max_new, params.temperature > 0, params.top_p, params.top_k,
-               params.repetition_penalty, str(device), dtype)
+               params.repetition_penalty, str(device), dtype, eos_ids, suppress_ids)
         st = self.states.get(key)
         if st is not None:
             self.states.move_to_end(key)
@@ -216,8 +213,8 @@ class StaticDecoder:
             hist=torch.zeros((batch, cache_len), **lng), out_tok=torch.zeros((batch, max_new), **lng),
             out_lp=torch.zeros((batch, max_new), dtype=torch.float32, device=device),
             done=torch.zeros(batch, dtype=torch.bool, device=device))
-        st.extra["eos"] = torch.tensor(self.eos_ids or [-1], **lng)
-        st.extra["suppress"] = torch.tensor(self.suppress_ids, **lng) if self.suppress_ids else None
+        st.extra["eos"] = torch.tensor(list(eos_ids) or [-1], **lng)
+        st.extra["suppress"] = torch.tensor(list(suppress_ids), **lng) if suppress_ids else None
         self.states[key] = st
         return st
 
@@ -227,12 +224,12 @@ class StaticDecoder:
     # -- public -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: dict[str, Any], params: Any, seeds: list[int], cache_len: int,
-                 stop_hit: Any = None, autocast_dtype: torch.dtype | None = None) -> tuple[list[list[int]],
-                                                                                          list[list[float]]]:
+                 eos_ids: list[int], suppress_ids: list[int], stop_hit: Any = None,
+                 autocast_dtype: torch.dtype | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Sample ``params.max_new_tokens`` tokens (fewer when every row finished) for left-padded ``inputs``.
 
         ``inputs``: input_ids / attention_mask ``[B, W]``, mm_token_type_ids, optionally pixel_values and
-        image_grid_thw. ``stop_hit(row, tokens) -> bool``: whether a row's tokens so far hold a stop string (checked
+        image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``: whether a row's tokens so far hold a stop string (checked
         every :attr:`CHECK_EVERY` steps). Returns per row the sampled tokens and their raw log-probs (untruncated)."""
         input_ids, attn = inputs["input_ids"], inputs["attention_mask"]
         device = input_ids.device
@@ -241,7 +238,7 @@ class StaticDecoder:
         if W + max_new > cache_len:
             raise ValueError(f"cache length {cache_len} < prompt width {W} + {max_new} new tokens")
         dtype = next(self.model.parameters()).dtype if autocast_dtype is None else autocast_dtype
-        st = self._state(B, cache_len, max_new, params, device, dtype)
+        st = self._state(B, cache_len, max_new, params, device, dtype, tuple(eos_ids), tuple(suppress_ids))
         if st.graph is not None and st.weights != self._weights():  # parameters moved: capture again
             st.graph, st.eager_steps = None, 0
         graphs = device.type == "cuda" and self.use_graphs is not False
