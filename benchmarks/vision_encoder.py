@@ -83,7 +83,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=504, help="image side in pixels (a multiple of 28)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N vision blocks (CPU runs)")
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32 (default on CPU)")
-    ap.add_argument("--modes", default="hf,batched,varlen", help="varlen is skipped where it cannot run")
+    ap.add_argument("--modes", default="hf,batched,varlen",
+                    help="varlen is skipped where it cannot run; MODE+compile adds model.compile's regional compile "
+                         "of norms and MLPs (it stays on: list such modes last)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--fp32-ref", choices=("on", "off"), default="on",
@@ -127,7 +129,7 @@ def main() -> None:
 
     modes = []
     for m in args.modes.split(","):
-        if m == "varlen" and (not cuda or dtype == torch.float32 or _varlen_kernel() is None):
+        if m.partition("+")[0] == "varlen" and (not cuda or dtype == torch.float32 or _varlen_kernel() is None):
             print(json.dumps({"skipped": "varlen", "why": "needs CUDA, fp16/bf16 and flash-attn or torch>=2.10"}))
             continue
         modes.append(m)
@@ -139,7 +141,13 @@ def main() -> None:
     results, outs = {}, {}
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     for mode in modes:
-        set_vision_attention(tower, mode)
+        base, _, extra = mode.partition("+")
+        set_vision_attention(tower, base)
+        if extra == "compile":  # model.compile's regional compile of the blocks' norms and MLPs (stays on: run last)
+            from vigorl_cli.models.compile import compile_blocks, is_compiled
+
+            if not is_compiled(tower):
+                compile_blocks(tower)
         for i in range(args.warmup):
             run(tower, inputs[i % 2])
         sync()

@@ -56,6 +56,8 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if isinstance(getattr(lm, "norm", None), nn.Module):
             out.append((lm.norm, "text"))
     visual = getattr(core, "visual", None)
+    if visual is None and hasattr(core, "blocks"):  # a bare vision tower
+        visual = core
     if visual is not None and hasattr(visual, "blocks"):
         for block in visual.blocks:
             out.extend((getattr(block, n), "vision") for n in _VISION_PARTS
