@@ -152,6 +152,31 @@ def test_unequal_segments_are_attended_separately():
         assert torch.allclose(out[a:b], torch.einsum("hqk,khd->qhd", w, v[a:b]), atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_segments_equal_hand_rolled_attention_with_and_without_repeated_kv(causal):
+    """Grouped-query (6 query heads over 2 kv heads), segments 3, 5, 1: sdpa's enable_gqa (CPU default) and repeated
+    kv heads (the CUDA default) give the hand-rolled per-segment attention, causal or not; gradients equal too."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(9, 6, 4, generator=g, requires_grad=True)
+    k, v = (torch.randn(9, 2, 4, generator=g, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    outs, grads = [], []
+    for repeat in (False, True):
+        out = batched_attention(q, k, v, cu, scale=0.5, causal=causal, repeat_kv=repeat)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in ((0, 3), (3, 8), (8, 9)):
+        kk, vv = (x[a:b].repeat_interleave(3, dim=1) for x in (k, v))  # query head h reads kv head h // 3
+        s = torch.einsum("qhd,khd->hqk", q[a:b], kk) * 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        want = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vv)
+        for out in outs:
+            assert torch.allclose(out[a:b], want, atol=1e-6)
+    for x, y in zip(*grads):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_full_model_logits_equal_hf(bundles, name):
     from PIL import Image
