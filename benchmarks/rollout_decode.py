@@ -13,7 +13,8 @@ cache with each decode step (forward + sampling) captured as one CUDA graph (eng
 call captures). ``plain_hf_generate_static`` is plain HF's own fast path for comparison: ``generate`` with
 ``cache_implementation="static"``, which compiles the forward (``reduce-overhead``; its warm-up call pays the compile).
 ``vigorl_hf_engine_static_cache_compiled`` adds ``model.compile``'s regional compile of norms and MLPs (the
-captured graph then replays fused kernels; it stays compiled: run it last). ``agree_with_dynamic`` (static arm): the fraction of rows whose tokens equal the dynamic-cache engine's (bf16 numerics
+captured graph then replays fused kernels; it stays compiled: run it last). ``agree_with_dynamic`` (static arm): the
+fraction of rows whose tokens equal the dynamic-cache engine's (bf16 numerics
 of two attention kernels can flip a near-tie, after which a row diverges).
 """
 
@@ -116,7 +117,8 @@ def main() -> None:
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                   cache_implementation="static")
 
-    arms = {"plain_hf_generate": plain, "plain_hf_generate_static": plain_static, "vigorl_hf_engine": ours, "vigorl_hf_engine_no_image_dedupe": ours_no_dedupe,
+    arms = {"plain_hf_generate": plain, "plain_hf_generate_static": plain_static, "vigorl_hf_engine": ours,
+            "vigorl_hf_engine_no_image_dedupe": ours_no_dedupe,
             "vigorl_hf_engine_static_cache": ours_static,
             "vigorl_hf_engine_static_cache_compiled": ours_static_compiled}
     results = {}

@@ -630,3 +630,28 @@ def test_rollout_copy_is_a_bf16_snapshot_refreshed_in_place(tiny_bundle):
     req = GenerationRequest(ids, [], SamplingParams(max_new_tokens=4, seed=1))
     eng = HFEngine(ModelBundle(shadow, tiny_bundle.processor, "x", "qwen2_5_vl"), static_cache=True)
     assert len(eng.generate([req])[0][0].token_ids) == 4
+
+
+def test_continuous_batching_engine_gives_the_same_grpo_steps(tmp_path, demo_root, monkeypatch):
+    """engine.continuous_batching (HFStreamingEngine, the no-barrier episode loop) samples what the batched HF
+    engine samples: two GRPO steps give the same rollouts and the same metrics."""
+    from vigorl_cli.engines.hf_stream import HFStreamingEngine
+    from vigorl_cli.train.grpo import train
+
+    submitted = []
+    orig = HFStreamingEngine.submit
+    monkeypatch.setattr(HFStreamingEngine, "submit", lambda self, r, tag: submitted.append(tag) or orig(self, r, tag))
+
+    got = {}
+    for cb in ("false", "true"):
+        r = _recipe(demo_root, "grpo.steps=2", "grpo.lr=1e-2", "grpo.save_every=100", "engine.batch_size=6",
+                    f"engine.continuous_batching={cb}")
+        out = tmp_path / cb
+        train(r, out=out, reward_fn=vowel_reward, log=lambda *_: None)
+        got[cb] = (_metrics(out), [[(rec["key"], rec["transcript"], rec["segments"]) for rec in _rollouts(out, s)]
+                                   for s in (1, 2)])
+    (ma, ra), (mb, rb) = got["false"], got["true"]
+    assert ra == rb and len(ra[0]) == 16 and len(submitted) == 2 * 16  # each episode's turn is its own request
+    for a, b in zip(ma, mb):
+        for key in ("reward", "loss", "kl", "grad_norm", "logprob_diff_engine_vs_trainer"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -248,3 +248,28 @@ def test_decode_attention_equals_hf_sdpa_without_repeating_the_cache(tiny_bundle
     layers = tiny_bundle.model.config.text_config.num_hidden_layers
     assert calls == [1] * (4 * layers)  # 4 decode steps (the prefill samples the first token) through every layer
     assert tiny_bundle.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_requests_with_different_token_limits_share_a_batch_and_keep_their_own_samples(tiny_bundle):
+    """One generate call over rows with limits 5, 17 and 9 (one batch, decoded to 17): each row is cut at its own
+    limit and equals the same request run alone; with the static decode loop too."""
+    for static in (False, True):
+        eng = HFEngine(tiny_bundle, batch_size=8, static_cache=static)
+        runs = []
+        orig = eng._run
+
+        def spy(requests, chunk, _orig=orig):
+            runs.append(len(chunk))
+            return _orig(requests, chunk)
+
+        eng._run = spy
+        reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=s, max_new_tokens=n, temperature=1.0)
+                for s, n in ((1, 5), (2, 17), (3, 9))]
+        together = eng.generate(reqs)
+        assert runs == [3]
+        for r, t in zip(reqs, together):
+            alone = eng.generate([r])[0][0]
+            assert t[0].token_ids == alone.token_ids and len(t[0].token_ids) <= r.params.max_new_tokens
+            assert torch.allclose(torch.tensor(t[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)
+        assert [len(t[0].token_ids) for t in together if t[0].finish_reason == "length"] == \
+            [r.params.max_new_tokens for r, t in zip(reqs, together) if t[0].finish_reason == "length"]

@@ -150,6 +150,10 @@ class EngineConfig:
                                   "captured as one CUDA graph on a GPU (Qwen-VL families, sdpa/eager attention; "
                                   "others: transformers' compiled static-cache generate); cache length bucketed to "
                                   "multiples of 256 tokens, graphs reused across calls of one batch size")
+    continuous_batching: bool = F(False, "hf: continuous batching over engine.batch_size slots of one static KV "
+                                         "cache (each decode step one CUDA graph on a GPU): episodes run without a "
+                                         "turn barrier, as with vllm; cache length engine.max_model_len (default "
+                                         "grpo's max_prompt_len + max_response_len, else 8192); single process")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")
@@ -158,7 +162,8 @@ class EngineConfig:
     max_retries: int = F(3, "openai: retries with exponential backoff")
     gpu_memory_utilization: float = F(0.7, "vllm: fraction of GPU memory for weights + KV cache")
     tensor_parallel_size: int = F(1, "vllm: tensor parallel degree")
-    max_model_len: int | None = F(None, "vllm: context length (None: the model's)")
+    max_model_len: int | None = F(None, "vllm: context length (None: the model's); hf continuous batching: its cache "
+                                        "length")
     enforce_eager: bool = F(False, "vllm: disable CUDA graphs")
     no_barrier: bool = F(True, "vllm: submit an episode's next turn as soon as its previous turn returns (false: "
                                "turn-synchronous batches, every turn waits for all episodes' turns)")

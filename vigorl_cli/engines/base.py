@@ -35,9 +35,9 @@ class SamplingParams:
     logprobs: bool = True
 
     def group_key(self) -> tuple:
-        """Requests with equal keys can share one batched call (everything but the seed and n)."""
-        return (self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.repetition_penalty, self.stop,
-                self.logprobs)
+        """Requests with equal keys can share one batched call: everything but the seed, ``n`` and
+        ``max_new_tokens`` (a batch decodes to its longest limit; each row is cut at its own)."""
+        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.stop, self.logprobs)
 
     @classmethod
     def from_config(cls, cfg: Any, **over) -> "SamplingParams":

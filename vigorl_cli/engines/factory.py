@@ -7,18 +7,30 @@ from typing import Any
 from vigorl_cli.errors import EngineError
 
 
+def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None = None, **kw: Any):
+    """The HF engine of a recipe: :class:`~vigorl_cli.engines.hf_stream.HFStreamingEngine` with
+    ``engine.continuous_batching`` (cache length ``engine.max_model_len``, else ``cache_len``, else 8192), else
+    :class:`~vigorl_cli.engines.hf.HFEngine` (``engine.static_cache``). ``kw`` goes to the engine."""
+    if getattr(engine_cfg, "continuous_batching", False):
+        from vigorl_cli.engines.hf_stream import HFStreamingEngine
+
+        return HFStreamingEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed,
+                                 cache_len=engine_cfg.max_model_len or cache_len or 8192, **kw)
+    from vigorl_cli.engines.hf import HFEngine
+
+    return HFEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache, **kw)
+
+
 def make_engine(backend: str, model: str, engine_cfg: Any, model_cfg: Any, seed: int = 0, bundle: Any = None):
     """Returns ``(engine, processor)``. ``bundle``: an already loaded ModelBundle to reuse (hf backend)."""
     from vigorl_cli.models.load import load_model, load_processor, model_kind, resolve_model
 
     if backend == "hf":
-        from vigorl_cli.engines.hf import HFEngine
-
         b = bundle or load_model(model, dtype=model_cfg.dtype, attn_implementation=model_cfg.attn_implementation,
                                  min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                  revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                                  vision_attention=model_cfg.vision_attention)
-        return HFEngine(b, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache), b.processor
+        return hf_engine(b, engine_cfg, seed=seed), b.processor
     path = resolve_model(model)
     from transformers import AutoConfig
 

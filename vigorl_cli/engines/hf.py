@@ -187,9 +187,8 @@ class HFEngine:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos[0]
         from vigorl_cli.engines import static_decode
 
-        self._decoder = (static_decode.StaticDecoder(self.model)
-                         if self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
-                         else None)
+        ours = self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
+        self._decoder = static_decode.StaticDecoder(self.model) if ours else None
         self._calls = 0
 
     # -- public -----------------------------------------------------------------------------------------------
@@ -261,7 +260,8 @@ class HFEngine:
     @torch.no_grad()
     def _run(self, requests: list[GenerationRequest], chunk: list[tuple[int, int, int]]) -> list[Completion]:
         device = self.model.device
-        params = requests[chunk[0][0]].params
+        limits = [int(requests[ri].params.max_new_tokens) for ri, _, _ in chunk]  # each row's own limit
+        params = requests[chunk[0][0]].params.with_(max_new_tokens=max(limits))
         # Every distinct image is processed and encoded once per call, however many rows show it (a GRPO group, the
         # n samples of a request, MCTS nodes of one tree): rows name their images by key (request.image_keys, else
         # the object's identity); the vision tower sees only the distinct ones (models/load.py shared_image_features).
@@ -320,8 +320,8 @@ class HFEngine:
                 toks, lps = self._decoder.generate(
                     inputs, params, [s for _, _, s in chunk], -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET,
                     self.eos_ids, self.suppress, stop_hit=stop_hit if params.stop else None,
-                    autocast_dtype=self.autocast_dtype)
-            return [self._finish(toks[i], lps[i], params) for i in range(len(chunk))]
+                    autocast_dtype=self.autocast_dtype, limits=limits)
+            return [self._finish(toks[i][:limits[i]], lps[i][:limits[i]], params) for i in range(len(chunk))]
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
@@ -343,7 +343,7 @@ class HFEngine:
             self.model.generation_config = saved
         new = gen[:, width:].tolist()
         logprobs = sampler.logprobs
-        return [self._finish(new[i], logprobs[i], params) for i in range(len(chunk))]
+        return [self._finish(new[i][:limits[i]], logprobs[i][:limits[i]], params) for i in range(len(chunk))]
 
     def _cut(self, tokens: list[int], params: SamplingParams, start: int = 0) -> tuple[int, str] | None:
         """The index of the first token from ``start`` on that ends the completion (an eos token, or the token

@@ -121,6 +121,23 @@ def prompt_positions(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     return pos
 
 
+def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
+    """Record ``step()`` (one capture-safe decode step) as a CUDA graph: ``(graph, None)``. If the model's forward
+    cannot be captured (a host sync or a host tensor inside it), say so once and return ``(None, reason)``: the
+    caller keeps decoding eagerly (same tokens, only slower). Capturing does not run the step."""
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g), autocast:
+            step()
+    except RuntimeError as e:
+        err = f"{type(e).__name__}: {e}".splitlines()[0]
+        warnings.warn(f"static decode: CUDA graph capture failed, decoding eagerly ({err})", stacklevel=3)
+        torch.cuda.synchronize()
+        return None, err
+    return g, None
+
+
 @dataclass
 class _State:
     """Everything one captured decode step reads and writes: fixed addresses, reused across calls."""
@@ -225,12 +242,15 @@ class StaticDecoder:
     @torch.no_grad()
     def generate(self, inputs: dict[str, Any], params: Any, seeds: list[int], cache_len: int,
                  eos_ids: list[int], suppress_ids: list[int], stop_hit: Any = None,
-                 autocast_dtype: torch.dtype | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 autocast_dtype: torch.dtype | None = None,
+                 limits: list[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Sample ``params.max_new_tokens`` tokens (fewer when every row finished) for left-padded ``inputs``.
 
         ``inputs``: input_ids / attention_mask ``[B, W]``, mm_token_type_ids, optionally pixel_values and
-        image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``: whether a row's tokens so far hold a stop string (checked
-        every :attr:`CHECK_EVERY` steps). Returns per row the sampled tokens and their raw log-probs (untruncated)."""
+        image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``:
+        whether a row's tokens so far hold a stop string (checked
+        every :attr:`CHECK_EVERY` steps). ``limits``: per row, its own token limit (a row past it counts as finished;
+        the caller cuts it). Returns per row the sampled tokens and their raw log-probs (untruncated)."""
         input_ids, attn = inputs["input_ids"], inputs["attention_mask"]
         device = input_ids.device
         B, W = input_ids.shape
@@ -275,17 +295,17 @@ class StaticDecoder:
         st.cur.fill_(W)
 
         with decode_attention(self.model):
-            n = self._decode(st, params, W, max_new, stop_hit, graphs, autocast, device)
+            n = self._decode(st, params, W, max_new, stop_hit, graphs, autocast, device, limits)
         toks = st.out_tok[:, :n].tolist()
         lps = st.out_lp[:, :n].tolist()
         return toks, lps
 
     def _decode(self, st: _State, params: Any, W: int, max_new: int, stop_hit: Any, graphs: bool, autocast: Any,
-                device: torch.device) -> int:
+                device: torch.device, limits: list[int] | None = None) -> int:
         """Decode steps 1 .. max_new - 1 (fewer when every row finished); returns the number of tokens sampled."""
         n = 1
         while n < max_new:
-            if n % self.CHECK_EVERY == 0 and self._finished(st, n, stop_hit):
+            if n % self.CHECK_EVERY == 0 and self._finished(st, n, stop_hit, limits):
                 break
             if graphs and st.graph is not None:
                 st.graph.replay()
@@ -312,29 +332,19 @@ class StaticDecoder:
             ~allowed, torch.finfo(dtype).min)
 
     def _capture(self, st: _State, params: Any, width: int, autocast: Any) -> bool:
-        """Record one decode step as a CUDA graph. If the model's forward cannot be captured (a host sync or a host
-        tensor inside it), say so once and keep decoding eagerly: same tokens, only slower."""
-        st.graph = None
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g), autocast:
-                self._decode_step(st, params, width)
-        except RuntimeError as e:
-            self.capture_error = f"{type(e).__name__}: {e}".splitlines()[0]
-            warnings.warn(f"static decode: CUDA graph capture failed, decoding eagerly ({self.capture_error})",
-                          stacklevel=3)
-            self.use_graphs = False
-            torch.cuda.synchronize()
+        st.graph, err = capture_step(lambda: self._decode_step(st, params, width), autocast)
+        if st.graph is None:
+            self.capture_error, self.use_graphs = err, False
             return False
-        st.graph = g
         st.weights = self._weights()
         self.captures += 1
         return True
 
-    def _finished(self, st: _State, n: int, stop_hit: Any) -> bool:
-        """Every row has sampled an eos or completed a stop string (one host sync per check)."""
+    def _finished(self, st: _State, n: int, stop_hit: Any, limits: list[int] | None = None) -> bool:
+        """Every row has sampled an eos, completed a stop string or reached its limit (one host sync per check)."""
         done = st.done.tolist()
+        if limits is not None:
+            done = [d or n >= lim for d, lim in zip(done, limits)]
         if stop_hit is not None and not all(done):
             toks = st.out_tok[:, :n].tolist()
             for r, d in enumerate(done):

@@ -203,7 +203,6 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
     from vigorl_cli.data.io import atomic_write_json
     from vigorl_cli.data.schema import Target
     from vigorl_cli.engines.base import derive_seed
-    from vigorl_cli.engines.hf import HFEngine
     from vigorl_cli.models import prompts
     from vigorl_cli.models.compile import compile_blocks, eager
     from vigorl_cli.models.load import ModelBundle, model_kind
@@ -267,17 +266,24 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         reward = reward_fn or build_reward(recipe.reward, multiturn=multi)
         backend = recipe.engine.backend
         shadow = None  # a bf16 copy of the policy that rolls out (engine.static_cache on a GPU)
-        if backend == "hf" and recipe.engine.static_cache and bf16 and g.parallel == "single":
+        static = recipe.engine.static_cache or recipe.engine.continuous_batching
+        if backend == "hf" and recipe.engine.continuous_batching and g.parallel != "single":
+            raise RecipeError("engine.continuous_batching runs in a single process (parallel: single); use "
+                              "engine.static_cache or the vllm engine under torchrun")
+        if backend == "hf" and static and bf16 and g.parallel == "single":
             shadow = rollout_copy(hf, torch.bfloat16)
         if backend == "hf":
-            # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
+            from vigorl_cli.engines.factory import hf_engine
+
             # kind = the model family (not a role name): image sharing and the static decode loop key on it
-            engine = HFEngine(ModelBundle(shadow if shadow is not None else hf, processor, model_name,
-                                          model_kind(hf.config)),
-                              batch_size=recipe.engine.batch_size, seed=recipe.seed,
-                              autocast_dtype=torch.bfloat16 if bf16 and shadow is None else None, synced_gpus=synced,
-                              static_cache=recipe.engine.static_cache,
-                              generate_fn=(lambda **kw: run.module(generate=kw)) if g.parallel != "single" else None)
+            bundle = ModelBundle(shadow if shadow is not None else hf, processor, model_name, model_kind(hf.config))
+            kw = {"autocast_dtype": torch.bfloat16 if bf16 and shadow is None else None}
+            if not recipe.engine.continuous_batching:
+                # FSDP2 / ZeRO-3: generate through the wrapped root's forward (its parameters are gathered around it)
+                kw.update(synced_gpus=synced,
+                          generate_fn=(lambda **k: run.module(generate=k)) if g.parallel != "single" else None)
+            engine = hf_engine(bundle, recipe.engine, seed=recipe.seed,
+                               cache_len=recipe.grpo.max_prompt_len + recipe.grpo.max_response_len, **kw)
         elif backend == "vllm":
             from vigorl_cli.engines.vllm import VLLMEngine
 

@@ -1,0 +1,93 @@
+"""HF continuous batching (engines/hf_stream.py): the no-barrier episode loop on the HF engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vigorl_cli.engines.base import GenerationRequest, SamplingParams
+from vigorl_cli.engines.hf import HFEngine
+from vigorl_cli.engines.hf_stream import HFStreamingEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+IM1 = Image.new("RGB", (200, 120), (255, 0, 0))
+IM2 = Image.new("RGB", (80, 300), (0, 0, 255))
+
+
+def _req(bundle, text, img, **kw):
+    content = ([{"type": "image"}] if img is not None else []) + [{"type": "text", "text": text}]
+    prompt = bundle.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+    ids = bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return GenerationRequest(ids, [img] if img is not None else [], SamplingParams(**kw))
+
+
+def _drain(engine):
+    got, polls = {}, 0
+    while engine.in_flight():
+        for tag, comps in engine.poll():
+            got[tag] = comps
+        polls += 1
+        assert polls < 1000
+    return got, polls
+
+
+def test_streamed_requests_sample_what_generate_samples(tiny_bundle):
+    """Five requests (one with n=2, one with a stop string, one without an image, limits 12..40) through three slots:
+    waiting requests take slots as others finish; every sample equals HFEngine.generate's for the same request
+    (tokens, raw log-probs, finish reason)."""
+    gen = HFEngine(tiny_bundle, batch_size=8)
+    eng = HFStreamingEngine(tiny_bundle, batch_size=3, cache_len=1024, max_new_cap=64)
+    reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=30),
+            _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=12),
+            _req(tiny_bundle, "x", IM1, seed=3, max_new_tokens=40, stop=("e",)),
+            _req(tiny_bundle, "Another one", IM2, seed=4, max_new_tokens=25, n=2),
+            _req(tiny_bundle, "hello there", None, seed=5, max_new_tokens=20)]
+    for i, r in enumerate(reqs):
+        eng.submit(r, i)
+    assert eng.in_flight() == 5
+    got, polls = _drain(eng)
+    assert polls > 40 // eng.CHECK_EVERY  # it took several rounds: three slots for six samples
+    for i, r in enumerate(reqs):
+        want = gen.generate([r])[0]
+        assert len(got[i]) == r.params.n
+        for w, g in zip(want, got[i], strict=True):
+            assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5)
+    assert got[2][0].stop_reason == "e" or got[2][0].finish_reason == "length"
+
+
+def test_a_request_that_does_not_fit_fails_alone(tiny_bundle):
+    """A prompt + limit beyond the cache is an error completion for that request; the others still run, and a
+    repetition-penalty request (not in the slot graph) is served by one generate call."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=64, max_new_cap=64)
+    big = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=30)
+    _, grid = eng.encode_images(big.images)
+    assert len(eng.expand(big.prompt_ids, grid)) + 30 > 64
+    small = _req(tiny_bundle, "hi", None, seed=2, max_new_tokens=8)
+    rep = _req(tiny_bundle, "hi", None, seed=3, max_new_tokens=8, repetition_penalty=1.3)
+    for i, r in enumerate((big, small, rep)):
+        eng.submit(r, i)
+    got, _ = _drain(eng)
+    assert got[0][0].finish_reason == "error" and "cache length 64" in got[0][0].error
+    assert got[1][0].token_ids == HFEngine(tiny_bundle).generate([small])[0][0].token_ids
+    assert got[2][0].token_ids == HFEngine(tiny_bundle).generate([rep])[0][0].token_ids
+
+
+def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
+    """benchmarks/multiturn_rollout.py --engine hf: the same multi-turn zoom episodes (scripted tool calls, drawn turn
+    lengths) through the turn-synchronous loop (HFEngine) and the no-barrier loop (HFStreamingEngine), identical."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multiturn_rollout.py"), "--tiny", "--engine", "hf",
+                          "--episodes", "8", "--min-tokens", "4", "--max-tokens", "16", "--slots", "4",
+                          "--max-model-len", "2048"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith('{"benchmark"')][-1])
+    assert final["identical_episodes"] and final["identical_fraction"] == 1.0
+    r = final["results"]
+    assert r["turn_synchronous"]["engine"] == "HFEngine" and r["no_barrier"]["engine"] == "HFStreamingEngine"
+    assert r["no_barrier"]["turns"] == r["turn_synchronous"]["turns"] > 8  # episodes took several turns

@@ -1,0 +1,340 @@
+"""Continuous batching on the HF engine: the no-barrier episode loop without vLLM.
+
+:class:`HFStreamingEngine` is the HF engine plus the :class:`~vigorl_cli.engines.base.StreamingEngine` protocol
+(``submit`` / ``poll`` / ``in_flight``): a fixed number of batch **slots** share one static KV cache in which every
+slot has its own sequence and its own write position (:class:`SlotCache`). A submitted request waits for a free slot;
+free slots are filled by one left-padded prefill of the waiting requests; then all slots decode together, one CUDA
+graph per step on a GPU (forward, seeded sampling, recording), exactly as :mod:`~vigorl_cli.engines.static_decode`
+does for a batch, except that positions, cache slots, sampling counters and token limits are per slot. Every
+:attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token limit) and
+refills them, so an episode's next turn starts while the other episodes' turns are still decoding.
+
+Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
+function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
+Limits: one set of sampling settings at a time (requests with other temperature / top-p / top-k wait until the slots
+drain); no repetition penalty (such requests go through ``generate``); a sequence must fit the cache
+(``cache_len``: prompt + new tokens; longer requests come back as per-request errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vigorl_cli.engines.base import Completion, GenerationRequest, derive_seed
+from vigorl_cli.engines.hf import HFEngine, sample_next
+from vigorl_cli.engines.static_decode import (_attn_implementation, capture_step, decode_attention, prompt_positions,
+                                              supports)
+
+
+class SlotCache:
+    """A static KV cache whose batch rows are independent sequences (the transformers ``Cache.update`` interface).
+
+    Decode (``rows is None``): every slot's new key/value goes to that slot's own position ``pos[slot]``; attention
+    reads the whole cache (a mask says which positions each slot sees). Prefill (``rows`` set): the prompts of the
+    slots ``rows`` are written at positions ``[0, W)`` and attention reads just those keys (the slots start empty)."""
+
+    is_compileable = True
+
+    def __init__(self, slots: int, cache_len: int, device: torch.device):
+        self.slots, self.cache_len = slots, cache_len
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pos = torch.zeros(slots, dtype=torch.long, device=device)  # decode: where each slot writes
+        self.arange = torch.arange(slots, device=device)
+        self.rows: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.keys) <= layer_idx:  # allocated at the first prefill (dtype and heads known then)
+            B, H, _, D = key_states.shape
+            shape = (self.slots, H, self.cache_len, D)
+            self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is not None:
+            W = key_states.shape[2]
+            k[self.rows, :, :W] = key_states
+            v[self.rows, :, :W] = value_states
+            return key_states, value_states
+        k[self.arange, :, self.pos] = key_states[:, :, 0]
+        v[self.arange, :, self.pos] = value_states[:, :, 0]
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+
+@dataclass
+class _Row:
+    group: dict  # the request's group: its tag and completions so far
+    index: int  # which of the request's n samples
+    max_new: int
+    stop: tuple[str, ...]
+
+
+class HFStreamingEngine(HFEngine):
+    """The HF engine with continuous batching over ``slots`` slots (``engine.batch_size``)."""
+
+    CHECK_EVERY = 8  # decode steps between host checks (finished slots are refilled then)
+    WARMUP_STEPS = 2
+    no_barrier = True
+
+    def __init__(self, bundle, batch_size: int = 16, seed: int = 0, cache_len: int = 4096,
+                 max_new_cap: int = 4096, autocast_dtype: torch.dtype | None = None, use_graphs: bool | None = None):
+        super().__init__(bundle, batch_size=batch_size, seed=seed, autocast_dtype=autocast_dtype)
+        if not supports(self.model, bundle.kind) or _attn_implementation(self.model) == "eager":
+            raise ValueError(f"continuous batching supports the Qwen-VL families with sdpa attention, not "
+                             f"{bundle.kind!r} with {_attn_implementation(self.model)!r}")
+        self.slots = self.batch_size
+        self.cache_len = int(cache_len)
+        self.max_new_cap = int(max_new_cap)
+        self.use_graphs = use_graphs
+        self._queue: deque = deque()  # (tag, request, [seeds])
+        self._rows: list[_Row | None] = [None] * self.slots
+        self._groups: dict[int, dict] = {}  # id(tag holder) → {"tag", "out": [Completion | None] * n, "left"}
+        self._ready: list[tuple[Any, list[Completion]]] = []
+        self._n_in_flight = 0
+        self._streamed = 0
+        self._params = None  # the sampling settings the slots run now
+        self._params_core: tuple = ()
+        self._st: dict[str, Any] | None = None
+        self._graph = None
+        self._eager_steps = 0
+        self.captures = 0
+        self.capture_error: str | None = None
+
+    # -- StreamingEngine ------------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, tag: Any) -> None:
+        """Queue one request (its ``params.n`` samples); :meth:`poll` returns it under ``tag``."""
+        self._n_in_flight += 1
+        p = request.params
+        base = p.seed if p.seed is not None else derive_seed(self.seed, "stream", self._streamed)
+        self._streamed += 1
+        seeds = [derive_seed(base, k) if p.n > 1 else base for k in range(p.n)]
+        group = {"tag": tag, "out": [None] * p.n, "left": p.n}
+        if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it
+            self._ready.append((tag, self.generate([request])[0]))
+            return
+        self._queue.append((group, request, seeds))
+
+    def in_flight(self) -> int:
+        return self._n_in_flight
+
+    def abort(self) -> None:
+        self._queue.clear()
+        self._rows = [None] * self.slots
+        self._ready.clear()
+        self._n_in_flight = 0
+
+    def poll(self) -> list[tuple[Any, list[Completion]]]:
+        """Fill free slots, decode :attr:`CHECK_EVERY` steps, return the requests whose samples all finished."""
+        if not self._ready:
+            self._fill()
+            if any(r is not None for r in self._rows):
+                self._advance(self.CHECK_EVERY)
+                self._collect()
+        done = list(self._ready)
+        self._ready.clear()
+        self._n_in_flight -= len(done)
+        return done
+
+    # -- slots ----------------------------------------------------------------------------------------------------
+    def _state(self, device: torch.device) -> dict[str, Any]:
+        if self._st is None:
+            S, L, lng = self.slots, self.cache_len, {"dtype": torch.long, "device": device}
+            mask = torch.zeros((S, 1, 1, L), dtype=torch.bool, device=device)
+            mask[..., 0] = True  # an idle slot sees one position (no all-masked row)
+            self._st = {"cache": SlotCache(S, L, device), "mask": mask, "tok": torch.zeros((S, 1), **lng),
+                        "pos": torch.zeros((3, S, 1), **lng), "step": torch.zeros(S, **lng),
+                        "seeds": torch.zeros(S, **lng), "limit": torch.ones(S, **lng),
+                        # CHECK_EVERY spare columns: a finished slot decodes on until the host collects it
+                        "out_tok": torch.zeros((S, self.max_new_cap + self.CHECK_EVERY), **lng),
+                        "out_lp": torch.zeros((S, self.max_new_cap + self.CHECK_EVERY), dtype=torch.float32,
+                                              device=device),
+                        "done": torch.ones(S, dtype=torch.bool, device=device),
+                        "eos": torch.tensor(self.eos_ids or [-1], **lng),
+                        "suppress": torch.tensor(self.suppress, **lng) if self.suppress else None}
+        return self._st
+
+    def _fill(self) -> None:
+        """Prefill waiting requests into free slots (one left-padded batch), sampling their first tokens."""
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        if not free or not self._queue:
+            return
+        if all(r is None for r in self._rows):
+            self._params = None  # drained: the next request may bring other sampling settings
+        batch: list[tuple[int, dict, GenerationRequest, int, int]] = []  # (slot, group, request, sample, seed)
+        while self._queue and len(batch) < len(free):
+            group, req, seeds = self._queue[0]
+            core = (req.params.temperature, req.params.top_p, req.params.top_k)
+            if self._params is not None and core != self._params_core:
+                break  # other sampling settings: wait until the slots drain
+            if self._params is None:
+                self._params, self._params_core = req.params, core
+                self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
+            start = sum(1 for b in batch if b[1] is group)  # samples of this request already placed
+            need = len(seeds) - start
+            take = min(need, len(free) - len(batch))
+            for k in range(start, start + take):
+                batch.append((free[len(batch)], group, req, k, seeds[k]))
+            if take == need:
+                self._queue.popleft()
+            else:
+                break
+        if batch:
+            self._prefill(batch)
+
+    @torch.no_grad()
+    def _prefill(self, batch) -> None:
+        device = self.model.device
+        st = self._state(device)
+        todo = []
+        for slot, group, req, k, seed in batch:
+            try:
+                pv, grid = self.encode_images(req.images) if req.images else (None, None)
+                ids = self.expand(req.prompt_ids, grid)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(e).__name__}: {e}"))
+                continue
+            max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
+            if len(ids) + max_new > self.cache_len:
+                self._finish_row(group, k, Completion([], "", [], "error", None,
+                                                      f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
+                                                      f"the cache length {self.cache_len}"))
+                continue
+            todo.append((slot, group, req, k, seed, ids, pv, grid, max_new))
+        if not todo:
+            return
+        from vigorl_cli.models.load import mm_token_type_ids
+
+        W = max(len(t[5]) for t in todo)
+        input_ids = torch.full((len(todo), W), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(input_ids)
+        for i, t in enumerate(todo):
+            input_ids[i, W - len(t[5]):] = torch.tensor(t[5])
+            attn[i, W - len(t[5]):] = 1
+        pix = [t[6] for t in todo if t[6] is not None]
+        grids = [t[7] for t in todo if t[7] is not None]
+        input_ids, attn = input_ids.to(device), attn.to(device)
+        mm = mm_token_type_ids(input_ids, self.model.config).to(device)
+        extra = {}
+        if pix:
+            extra = {"pixel_values": torch.cat(pix).to(device, dtype=self.model.dtype),
+                     "image_grid_thw": torch.cat(grids).to(device)}
+        pos = prompt_positions(self.model, input_ids, attn, mm, extra.get("image_grid_thw"))  # [3, n, W]
+        valid = attn.bool()
+        i = torch.arange(W, device=device)
+        see = ((i[None, :] <= i[:, None])[None] & valid[:, None, :]) | torch.eye(W, dtype=torch.bool, device=device)
+        rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
+        cache = st["cache"]
+        cache.rows = rows
+        try:
+            with self._autocast():
+                out = self.model(input_ids=input_ids, attention_mask=see[:, None], position_ids=pos,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1, mm_token_type_ids=mm,
+                                 **extra)
+        finally:
+            cache.rows = None
+        seeds = torch.tensor([t[4] & 0x7FFF_FFFF_FFFF_FFFF for t in todo], dtype=torch.long, device=device)
+        chosen, lp = sample_next(out.logits[:, -1].float(), None, self._params, seeds, st["suppress"], 0)
+        limits = torch.tensor([t[8] for t in todo], dtype=torch.long, device=device)
+        st["seeds"][rows] = seeds
+        st["step"][rows] = 0
+        st["limit"][rows] = limits
+        st["out_tok"][rows, 0] = chosen
+        st["out_lp"][rows, 0] = lp
+        st["tok"][rows, 0] = chosen
+        st["done"][rows] = (chosen[:, None] == st["eos"][None, :]).any(-1) | (limits <= 1)
+        st["pos"][:, rows, 0] = pos.amax(dim=2).amax(dim=0)[None, :].expand(3, -1) + 1
+        cache.pos[rows] = W
+        m = torch.zeros((len(todo), self.cache_len), dtype=torch.bool, device=device)
+        m[:, :W] = valid
+        st["mask"][rows, 0, 0] = m
+        for t in todo:
+            self._rows[t[0]] = _Row(t[1], t[3], t[8], tuple(t[2].params.stop))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self) -> None:
+        """One decode step of every slot. Capture-safe: no host sync, fixed shapes."""
+        st = self._st
+        cache = st["cache"]
+        st["mask"].scatter_(3, cache.pos.view(-1, 1, 1, 1), True)
+        out = self.model(input_ids=st["tok"], attention_mask=st["mask"], position_ids=st["pos"],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        st["step"].add_(1)
+        chosen, lp = sample_next(out.logits[:, -1].float(), None, self._params, st["seeds"], st["suppress"],
+                                 st["step"])
+        col = st["step"].clamp(max=self.max_new_cap + self.CHECK_EVERY - 1)
+        st["out_tok"][cache.arange, col] = chosen
+        st["out_lp"][cache.arange, col] = lp
+        st["done"] |= (chosen[:, None] == st["eos"][None, :]).any(-1) | (st["step"] + 1 >= st["limit"])
+        st["tok"].copy_(chosen[:, None])
+        st["pos"].add_(1)
+        cache.pos.add_(1).clamp_(max=self.cache_len - 1)
+
+    @torch.no_grad()
+    def _advance(self, n: int) -> None:
+        device = self.model.device
+        graphs = device.type == "cuda" and self.use_graphs is not False
+        with decode_attention(self.model):
+            k = 0
+            while k < n:
+                if graphs and self._graph is not None:
+                    self._graph.replay()
+                elif graphs and self._eager_steps >= self.WARMUP_STEPS:
+                    self._graph, err = capture_step(self._step, self._autocast())
+                    if self._graph is None:
+                        self.capture_error, self.use_graphs, graphs = err, False, False
+                    else:
+                        self.captures += 1
+                    continue
+                elif graphs:
+                    side = torch.cuda.Stream(device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side), self._autocast():
+                        self._step()
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    self._eager_steps += 1
+                else:
+                    with self._autocast():
+                        self._step()
+                k += 1
+
+    def _collect(self) -> None:
+        """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
+        st = self._st
+        done = st["done"].tolist()
+        steps = st["step"].tolist()
+        active = [i for i, r in enumerate(self._rows) if r is not None]
+        toks = st["out_tok"][active].tolist() if active else []
+        lps = st["out_lp"][active].tolist() if active else []
+        for j, slot in enumerate(active):
+            row = self._rows[slot]
+            n = min(steps[slot] + 1, row.max_new)
+            tokens = toks[j][:n]
+            if not done[slot] and not (row.stop and self._cut(tokens, _Stops(row.stop)) is not None):
+                continue
+            comp = self._finish(tokens, lps[j][:n], _Stops(row.stop))
+            self._rows[slot] = None
+            self._finish_row(row.group, row.index, comp)
+
+    def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
+        group["out"][k] = comp
+        group["left"] -= 1
+        if group["left"] == 0:
+            self._ready.append((group["tag"], group["out"]))
+
+
+@dataclass(frozen=True)
+class _Stops:
+    """What :meth:`HFEngine._cut` / ``_finish`` read from sampling params: the stop strings."""
+
+    stop: tuple[str, ...]
