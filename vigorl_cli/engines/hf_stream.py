@@ -85,7 +85,8 @@ class HFStreamingEngine(HFEngine):
 
     def __init__(self, bundle, batch_size: int = 16, seed: int = 0, cache_len: int = 4096,
                  max_new_cap: int = 4096, autocast_dtype: torch.dtype | None = None, use_graphs: bool | None = None):
-        super().__init__(bundle, batch_size=batch_size, seed=seed, autocast_dtype=autocast_dtype)
+        # generate() (e.g. repetition-penalty requests, MCTS batches) takes the static decode loop too
+        super().__init__(bundle, batch_size=batch_size, seed=seed, autocast_dtype=autocast_dtype, static_cache=True)
         if not supports(self.model, bundle.kind) or _attn_implementation(self.model) == "eager":
             raise ValueError(f"continuous batching supports the Qwen-VL families with sdpa attention, not "
                              f"{bundle.kind!r} with {_attn_implementation(self.model)!r}")
@@ -93,7 +94,7 @@ class HFStreamingEngine(HFEngine):
         self.cache_len = int(cache_len)
         self.max_new_cap = int(max_new_cap)
         self.use_graphs = use_graphs
-        self._queue: deque = deque()  # (tag, request, [seeds])
+        self._queue: deque = deque()  # [group, request, seeds, samples already placed in slots]
         self._rows: list[_Row | None] = [None] * self.slots
         self._groups: dict[int, dict] = {}  # id(tag holder) → {"tag", "out": [Completion | None] * n, "left"}
         self._ready: list[tuple[Any, list[Completion]]] = []
@@ -119,7 +120,7 @@ class HFStreamingEngine(HFEngine):
         if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it
             self._ready.append((tag, self.generate([request])[0]))
             return
-        self._queue.append((group, request, seeds))
+        self._queue.append([group, request, seeds, 0])
 
     def in_flight(self) -> int:
         return self._n_in_flight
@@ -169,22 +170,20 @@ class HFStreamingEngine(HFEngine):
             self._params = None  # drained: the next request may bring other sampling settings
         batch: list[tuple[int, dict, GenerationRequest, int, int]] = []  # (slot, group, request, sample, seed)
         while self._queue and len(batch) < len(free):
-            group, req, seeds = self._queue[0]
+            entry = self._queue[0]
+            group, req, seeds, start = entry
             core = (req.params.temperature, req.params.top_p, req.params.top_k)
             if self._params is not None and core != self._params_core:
                 break  # other sampling settings: wait until the slots drain
             if self._params is None:
                 self._params, self._params_core = req.params, core
                 self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
-            start = sum(1 for b in batch if b[1] is group)  # samples of this request already placed
-            need = len(seeds) - start
-            take = min(need, len(free) - len(batch))
+            take = min(len(seeds) - start, len(free) - len(batch))  # a request's n samples may span fills
             for k in range(start, start + take):
                 batch.append((free[len(batch)], group, req, k, seeds[k]))
-            if take == need:
+            entry[3] = start + take
+            if entry[3] == len(seeds):
                 self._queue.popleft()
-            else:
-                break
         if batch:
             self._prefill(batch)
 

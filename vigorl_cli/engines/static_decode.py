@@ -148,6 +148,7 @@ class _State:
     pos: torch.Tensor  # [3, B, 1] its mrope position
     cur: torch.Tensor  # [1] its cache slot
     step: torch.Tensor  # [] the index of the token being sampled (the noise counter)
+    width: torch.Tensor  # [1] the prompt width of the current call (where sampled tokens start in ``hist``)
     seeds: torch.Tensor  # [B]
     hist: torch.Tensor  # [B, L] prompt + sampled tokens (repetition penalty); unwritten slots repeat a prompt token
     out_tok: torch.Tensor  # [B, max_new]
@@ -185,7 +186,7 @@ class StaticDecoder:
         else:
             st.mask.index_fill_(3, slot, True)
 
-    def _sample_record(self, st: _State, logits: torch.Tensor, params: Any, width: int) -> None:
+    def _sample_record(self, st: _State, logits: torch.Tensor, params: Any) -> None:
         from vigorl_cli.engines.hf import sample_next
 
         chosen, lp = sample_next(logits.float(), st.hist, params, st.seeds, st.extra.get("suppress"), st.step)
@@ -193,17 +194,17 @@ class StaticDecoder:
         st.out_tok.index_copy_(1, idx, chosen[:, None])
         st.out_lp.index_copy_(1, idx, lp[:, None])
         if params.repetition_penalty != 1.0:
-            st.hist.index_copy_(1, idx + width, chosen[:, None])
+            st.hist.index_copy_(1, idx + st.width, chosen[:, None])  # a tensor: graphs serve every width
         st.done |= (chosen[:, None] == st.extra["eos"][None, :]).any(-1)
         st.tok.copy_(chosen[:, None])
 
-    def _decode_step(self, st: _State, params: Any, width: int) -> None:
+    def _decode_step(self, st: _State, params: Any) -> None:
         """Feed ``st.tok`` at slot ``st.cur``, sample the next token. Capture-safe: no host sync, fixed shapes."""
         self._allow(st, st.cur)
         out = self.model(input_ids=st.tok, attention_mask=st.mask, position_ids=st.pos, past_key_values=st.cache,
                          use_cache=True, logits_to_keep=1)
         st.step.add_(1)
-        self._sample_record(st, out.logits[:, -1], params, width)
+        self._sample_record(st, out.logits[:, -1], params)
         st.pos.add_(1)
         st.cur.add_(1)
 
@@ -226,7 +227,8 @@ class StaticDecoder:
             cache=StaticCache(config=self.model.config, max_cache_len=cache_len),
             mask=torch.zeros((batch, 1, 1, cache_len), dtype=mask_dtype, device=device),
             tok=torch.zeros((batch, 1), **lng), pos=torch.zeros((3, batch, 1), **lng),
-            cur=torch.zeros(1, **lng), step=torch.zeros((), **lng), seeds=torch.zeros(batch, **lng),
+            cur=torch.zeros(1, **lng), step=torch.zeros((), **lng), width=torch.zeros(1, **lng),
+            seeds=torch.zeros(batch, **lng),
             hist=torch.zeros((batch, cache_len), **lng), out_tok=torch.zeros((batch, max_new), **lng),
             out_lp=torch.zeros((batch, max_new), dtype=torch.float32, device=device),
             done=torch.zeros(batch, dtype=torch.bool, device=device))
@@ -248,8 +250,7 @@ class StaticDecoder:
 
         ``inputs``: input_ids / attention_mask ``[B, W]``, mm_token_type_ids, optionally pixel_values and
         image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``:
-        whether a row's tokens so far hold a stop string (checked
-        every :attr:`CHECK_EVERY` steps). ``limits``: per row, its own token limit (a row past it counts as finished;
+        whether a row's tokens so far hold a stop string (checked every :attr:`CHECK_EVERY` steps). ``limits``: per row, its own token limit (a row past it counts as finished;
         the caller cuts it). Returns per row the sampled tokens and their raw log-probs (untruncated)."""
         input_ids, attn = inputs["input_ids"], inputs["attention_mask"]
         device = input_ids.device
@@ -280,13 +281,14 @@ class StaticDecoder:
         st.hist[:, :W] = input_ids
         st.done.zero_()
         st.step.fill_(0)
+        st.width.fill_(W)
         st.out_tok.zero_()
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
         with autocast:
             out = self.model(input_ids=input_ids, attention_mask=self._as_mask(pre, dtype), position_ids=pos,
                              past_key_values=st.cache, use_cache=True, logits_to_keep=1,
                              mm_token_type_ids=inputs["mm_token_type_ids"], **extra)
-            self._sample_record(st, out.logits[:, -1], params, W)
+            self._sample_record(st, out.logits[:, -1], params)
         del out
         # decode state: the first token goes to slot W at position max(prompt position) + 1
         st.mask.copy_(self._as_mask(torch.zeros_like(st.mask, dtype=torch.bool), dtype))
@@ -295,12 +297,12 @@ class StaticDecoder:
         st.cur.fill_(W)
 
         with decode_attention(self.model):
-            n = self._decode(st, params, W, max_new, stop_hit, graphs, autocast, device, limits)
+            n = self._decode(st, params, max_new, stop_hit, graphs, autocast, device, limits)
         toks = st.out_tok[:, :n].tolist()
         lps = st.out_lp[:, :n].tolist()
         return toks, lps
 
-    def _decode(self, st: _State, params: Any, W: int, max_new: int, stop_hit: Any, graphs: bool, autocast: Any,
+    def _decode(self, st: _State, params: Any, max_new: int, stop_hit: Any, graphs: bool, autocast: Any,
                 device: torch.device, limits: list[int] | None = None) -> int:
         """Decode steps 1 .. max_new - 1 (fewer when every row finished); returns the number of tokens sampled."""
         n = 1
@@ -310,18 +312,18 @@ class StaticDecoder:
             if graphs and st.graph is not None:
                 st.graph.replay()
             elif graphs and st.eager_steps >= self.WARMUP_STEPS and max_new - n > 1:
-                graphs = self._capture(st, params, W, autocast)
+                graphs = self._capture(st, params, autocast)
                 continue  # capturing does not run the step: replay it (or run it eagerly) on the next turn
             elif graphs:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side), autocast:
-                    self._decode_step(st, params, W)
+                    self._decode_step(st, params)
                 torch.cuda.current_stream(device).wait_stream(side)
                 st.eager_steps += 1
             else:
                 with autocast:
-                    self._decode_step(st, params, W)
+                    self._decode_step(st, params)
             n += 1
         return n
 
@@ -331,8 +333,8 @@ class StaticDecoder:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
-    def _capture(self, st: _State, params: Any, width: int, autocast: Any) -> bool:
-        st.graph, err = capture_step(lambda: self._decode_step(st, params, width), autocast)
+    def _capture(self, st: _State, params: Any, autocast: Any) -> bool:
+        st.graph, err = capture_step(lambda: self._decode_step(st, params), autocast)
         if st.graph is None:
             self.capture_error, self.use_graphs = err, False
             return False
