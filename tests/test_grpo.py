@@ -629,7 +629,15 @@ def test_rollout_copy_is_a_bf16_snapshot_refreshed_in_place(tiny_bundle):
                                 add_special_tokens=False)["input_ids"]
     req = GenerationRequest(ids, [], SamplingParams(max_new_tokens=4, seed=1))
     eng = HFEngine(ModelBundle(shadow, tiny_bundle.processor, "x", "qwen2_5_vl"), static_cache=True)
-    assert len(eng.generate([req])[0][0].token_ids) == 4
+    plain = eng.generate([req])[0][0]
+    assert len(plain.token_ids) == 4
+    # model.compile: the copy gets a regional compile of its own; the static decode loop samples the same tokens
+    from vigorl_cli.models.compile import is_compiled
+
+    compiled = rollout_copy(policy, torch.bfloat16, compile_options={"backend": "aot_eager"})
+    assert is_compiled(compiled) and not is_compiled(policy)
+    got = HFEngine(ModelBundle(compiled, tiny_bundle.processor, "x", "qwen2_5_vl"), static_cache=True).generate([req])
+    assert got[0][0].token_ids == plain.token_ids
 
 
 def test_continuous_batching_engine_gives_the_same_grpo_steps(tmp_path, demo_root, monkeypatch):
