@@ -240,6 +240,8 @@ def test_decode_attention_equals_hf_sdpa_without_repeating_the_cache(tiny_bundle
     sd._register()
     from transformers import AttentionInterface
 
+    before = tiny_bundle.model.config.text_config._attn_implementation  # sdpa (vigorl_sdpa if a trainer touched it)
+
     AttentionInterface.register(sd.DECODE_IMPL, spy)
     try:
         HFEngine(tiny_bundle, static_cache=True).generate([_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=5)])
@@ -247,7 +249,7 @@ def test_decode_attention_equals_hf_sdpa_without_repeating_the_cache(tiny_bundle
         AttentionInterface.register(sd.DECODE_IMPL, orig)
     layers = tiny_bundle.model.config.text_config.num_hidden_layers
     assert calls == [1] * (4 * layers)  # 4 decode steps (the prefill samples the first token) through every layer
-    assert tiny_bundle.model.config.text_config._attn_implementation == "sdpa"
+    assert tiny_bundle.model.config.text_config._attn_implementation == before != sd.DECODE_IMPL
 
 
 def test_requests_with_different_token_limits_share_a_batch_and_keep_their_own_samples(tiny_bundle):
