@@ -336,6 +336,10 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak measured on these GPUs")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table (top 25 kernels by self time) of one step per variant")
+    ap.add_argument("--fresh-shapes", action="store_true",
+                    help="each variant draws its own batches (other lengths): no variant runs on shapes an earlier "
+                         "variant already ran, whose per-shape kernel plans (cuDNN attention) would still be cached "
+                         "in the process; a training run meets new shapes every step")
     ap.add_argument("--json", default=None, help="write results here (default: $OUT/train_throughput.json)")
     args = ap.parse_args()
     args.batch = args.batch or (2 if args.tiny else 4)
@@ -364,10 +368,13 @@ def main() -> None:
     collators = [Collator(processor, cfg, rope_index_of(model), packing=p) for p in (False, True)]
     steps = [make_examples(args.batch, args, ids, seed=s) for s in range(args.warmup + args.steps)]
     results = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for i, name in enumerate([v.strip() for v in args.variants.split(",") if v.strip()]):
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
         log(f"{name} ...")
+        if args.fresh_shapes:
+            steps = [make_examples(args.batch, args, ids, seed=1000 * (i + 1) + s)
+                     for s in range(args.warmup + args.steps)]
         try:
             r = run_variant(name, model, steps, *collators, args, device, n_lm)
         except torch.OutOfMemoryError:
