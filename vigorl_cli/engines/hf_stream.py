@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -96,7 +96,6 @@ class HFStreamingEngine(HFEngine):
         self.use_graphs = use_graphs
         self._queue: deque = deque()  # [group, request, seeds, samples already placed in slots]
         self._rows: list[_Row | None] = [None] * self.slots
-        self._groups: dict[int, dict] = {}  # id(tag holder) → {"tag", "out": [Completion | None] * n, "left"}
         self._ready: list[tuple[Any, list[Completion]]] = []
         self._n_in_flight = 0
         self._streamed = 0
@@ -104,6 +103,7 @@ class HFStreamingEngine(HFEngine):
         self._params_core: tuple = ()
         self._st: dict[str, Any] | None = None
         self._graph = None
+        self._graph_weights: tuple = ()  # parameter addresses the graph was captured with
         self._eager_steps = 0
         self.captures = 0
         self.capture_error: str | None = None
@@ -117,8 +117,8 @@ class HFStreamingEngine(HFEngine):
         self._streamed += 1
         seeds = [derive_seed(base, k) if p.n > 1 else base for k in range(p.n)]
         group = {"tag": tag, "out": [None] * p.n, "left": p.n}
-        if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it
-            self._ready.append((tag, self.generate([request])[0]))
+        if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it, same seeds
+            self._ready.append((tag, self.generate([replace(request, params=p.with_(seed=base))])[0]))
             return
         self._queue.append([group, request, seeds, 0])
 
@@ -283,6 +283,8 @@ class HFStreamingEngine(HFEngine):
     def _advance(self, n: int) -> None:
         device = self.model.device
         graphs = device.type == "cuda" and self.use_graphs is not False
+        if self._graph is not None and self._graph_weights != self._weights():  # parameters moved: capture again
+            self._graph, self._eager_steps = None, 0
         with decode_attention(self.model):
             k = 0
             while k < n:
@@ -294,6 +296,7 @@ class HFStreamingEngine(HFEngine):
                         self.capture_error, self.use_graphs, graphs = err, False, False
                     else:
                         self.captures += 1
+                        self._graph_weights = self._weights()
                     continue
                 elif graphs:
                     side = torch.cuda.Stream(device)
@@ -306,6 +309,9 @@ class HFStreamingEngine(HFEngine):
                     with self._autocast():
                         self._step()
                 k += 1
+
+    def _weights(self) -> tuple:
+        return tuple(p.data_ptr() for p in self.model.parameters())
 
     def _collect(self) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
