@@ -106,3 +106,31 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     r = final["results"]
     assert r["turn_synchronous"]["engine"] == "HFEngine" and r["no_barrier"]["engine"] == "HFStreamingEngine"
     assert r["no_barrier"]["turns"] == r["turn_synchronous"]["turns"] > 8  # episodes took several turns
+
+
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
+    """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
+    random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's."""
+    import random
+
+    gen = HFEngine(tiny_bundle, batch_size=8)
+    texts = ["What colour is it?", "x", "Where is the dog in this much longer question?", "count the boxes"]
+    for trial in range(3):
+        rng = random.Random(trial)
+        eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
+        reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
+                     max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
+                     stop=rng.choice([(), ("e",), ("a", "o")]))
+                for i in range(6)]
+        pending, got = list(enumerate(reqs)), {}
+        while pending or eng.in_flight():
+            for _ in range(rng.randint(0, 2)):  # 0-2 arrivals per poll
+                if pending:
+                    i, r = pending.pop(0)
+                    eng.submit(r, i)
+            for tag, comps in eng.poll():
+                got[tag] = comps
+        for i, r in enumerate(reqs):
+            want = gen.generate([r])[0]
+            assert [c.token_ids for c in got[i]] == [c.token_ids for c in want], (trial, i)
+            assert [c.finish_reason for c in got[i]] == [c.finish_reason for c in want], (trial, i)
