@@ -134,3 +134,31 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
             want = gen.generate([r])[0]
             assert [c.token_ids for c in got[i]] == [c.token_ids for c in want], (trial, i)
             assert [c.finish_reason for c in got[i]] == [c.finish_reason for c in want], (trial, i)
+
+
+def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
+    """What a CUDA graph cannot capture, checked on CPU: during one decode step of the batch decoder and of the slot
+    decoder nothing reads a tensor's value on the host (.item / .tolist / bool / int / float / .cpu / .numpy) and
+    no tensor is built from host data (torch.tensor)."""
+    from vigorl_cli.engines import static_decode
+
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=16)
+    eng.submit(_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=16), "a")
+    eng._fill()  # prefill: host work allowed
+    batch = HFEngine(tiny_bundle, static_cache=True)
+    batch.generate([_req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=8)])  # leaves its decode state behind
+    (key, st), = batch._decoder.states.items()
+    st.step.fill_(1)  # rewind: one more step fits the output buffers
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync inside a decode step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    with torch.no_grad(), static_decode.decode_attention(tiny_bundle.model):
+        eng._step()
+        batch._decoder._decode_step(st, params)
+    monkeypatch.undo()
+    assert int(st.step) == 2 and eng._st["step"].tolist()[0] == 1
