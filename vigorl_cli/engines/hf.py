@@ -308,8 +308,9 @@ class HFEngine:
                     else contextlib.nullcontext())
         shared = (shared_image_features(self.model, grid_u.to(device), occ) if pix and share
                   else contextlib.nullcontext())
+        # static cache: bucketed lengths, so later calls of the batch size reuse the captured / compiled graphs
+        cache_len = -(-(width + params.max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
         if self._decoder is not None:  # engine.static_cache: our decode loop, one CUDA graph per step
-            need = width + params.max_new_tokens
             checked = [0] * len(chunk)
 
             def stop_hit(row: int, tokens: list[int]) -> bool:
@@ -318,17 +319,16 @@ class HFEngine:
 
             with shared:
                 toks, lps = self._decoder.generate(
-                    inputs, params, [s for _, _, s in chunk], -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET,
-                    self.eos_ids, self.suppress, stop_hit=stop_hit if params.stop else None,
+                    inputs, params, [s for _, _, s in chunk], cache_len, self.eos_ids, self.suppress,
+                    stop_hit=stop_hit if params.stop else None,
                     autocast_dtype=self.autocast_dtype, limits=limits)
             return [self._finish(toks[i][:limits[i]], lps[i][:limits[i]], params) for i in range(len(chunk))]
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                               pad_token_id=self.pad_id, stop_strings=list(params.stop) or None)
         if self.static_cache:
-            need = width + params.max_new_tokens
             gc.cache_implementation = "static"
-            gc.max_cache_len = -(-need // self.CACHE_BUCKET) * self.CACHE_BUCKET  # bucketed: reuse compiled graphs
+            gc.max_cache_len = cache_len
         # generate() fills unset fields from the checkpoint's generation config (suppress_tokens, top_k, ...):
         # swap in a clean one so that no processor runs before the sampler and log-probs stay raw.
         saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
