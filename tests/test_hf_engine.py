@@ -141,7 +141,8 @@ def test_static_cache_gives_the_dynamic_cache_tokens_and_logprobs(tiny_bundle):
     """engine.static_cache runs our decode loop (engines/static_decode.py: one CUDA graph per step on a GPU, the same
     step function eagerly on CPU): tokens and raw log-probs equal the dynamic cache's for left-padded rows of different
     prompt widths, across calls of different widths, with temperature / top-p / top-k / repetition penalty, greedy,
-    stop strings, and a text-only request; the cache length is bucketed and a call of the same shape reuses its state."""
+    stop strings, and a text-only request; the cache length is bucketed and a call of the same shape reuses its
+    state."""
     dyn = HFEngine(tiny_bundle, batch_size=8)
     static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
     assert static._decoder is not None

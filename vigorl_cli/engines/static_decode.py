@@ -250,8 +250,9 @@ class StaticDecoder:
 
         ``inputs``: input_ids / attention_mask ``[B, W]``, mm_token_type_ids, optionally pixel_values and
         image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``:
-        whether a row's tokens so far hold a stop string (checked every :attr:`CHECK_EVERY` steps). ``limits``: per row, its own token limit (a row past it counts as finished;
-        the caller cuts it). Returns per row the sampled tokens and their raw log-probs (untruncated)."""
+        whether a row's tokens so far hold a stop string (checked every :attr:`CHECK_EVERY` steps). ``limits``: per
+        row, its own token limit (a row past it counts as finished; the caller cuts it). Returns per row the sampled
+        tokens and their raw log-probs (untruncated)."""
         input_ids, attn = inputs["input_ids"], inputs["attention_mask"]
         device = input_ids.device
         B, W = input_ids.shape
