@@ -247,6 +247,7 @@ def main() -> None:
             engine.no_barrier = no_barrier
         eng = ScriptedToolUse(engine, processor.tokenizer, plan, seed=args.seed)
         eps = episodes(subset)
+        reused = getattr(engine, "reused_tokens", None)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -261,6 +262,8 @@ def main() -> None:
                "episodes_per_s": round(len(eps) / dt, 3), "tokens_per_s": round(eng.sampled_tokens / dt, 1),
                "finish": {f: sum(e.finish == f for e in eps) for f in sorted({e.finish for e in eps})},
                "errors": sum(e.finish == "error" for e in eps)}
+        if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
+            out["reused_prompt_tokens"] = engine.reused_tokens - reused
         print(json.dumps(out), flush=True)
         return out, eps
 

@@ -106,6 +106,7 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     r = final["results"]
     assert r["turn_synchronous"]["engine"] == "HFEngine" and r["no_barrier"]["engine"] == "HFStreamingEngine"
     assert r["no_barrier"]["turns"] == r["turn_synchronous"]["turns"] > 8  # episodes took several turns
+    assert r["no_barrier"]["reused_prompt_tokens"] > 0  # next turns were prefilled from their cached prefix
 
 
 def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
@@ -162,3 +163,62 @@ def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
         batch._decoder._decode_step(st, params)
     monkeypatch.undo()
     assert int(st.step) == 2 and eng._st["step"].tolist()[0] == 1
+
+
+def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bundle):
+    """Turn 2's prompt = turn 1's prompt + its completion + an observation with a new image: the engine prefills
+    only the new tokens into turn 1's slot (its cache holds the rest) and samples what generate samples from the full
+    prompt. A prompt with the same tokens but another first image (same size) is not served from that cache."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
+    first.image_keys = ["s/full"]
+    eng.submit(first, "t1")
+    got, _ = _drain(eng)
+    c1 = got["t1"][0]
+    obs = tiny_bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
+                                "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    second = GenerationRequest(first.prompt_ids + c1.token_ids + obs, [IM1, IM2],
+                               SamplingParams(seed=2, max_new_tokens=10), image_keys=["s/full", "s/crop-1"])
+    eng.submit(second, "t2")
+    got, _ = _drain(eng)
+    _, grid = eng.encode_images(first.images)
+    # the first prompt (image included) and the completion were not prefilled again
+    assert eng.reused_tokens == len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
+    want = HFEngine(tiny_bundle).generate([second])[0][0]
+    assert got["t2"][0].token_ids == want.token_ids
+    assert torch.allclose(torch.tensor(got["t2"][0].logprobs), torch.tensor(want.logprobs), atol=1e-4)
+
+    reused = eng.reused_tokens
+    eng.submit(first, "t1b")  # turn 1 again: a prefix of what the slot holds (all but its last token reused)
+    again, _ = _drain(eng)
+    assert eng.reused_tokens == reused + len(eng.expand(first.prompt_ids, grid)) - 1
+    assert again["t1b"][0].token_ids == c1.token_ids
+    reused = eng.reused_tokens
+    other = GenerationRequest(second.prompt_ids, [Image.new("RGB", (200, 120), (0, 255, 0)), IM2],
+                              SamplingParams(seed=2, max_new_tokens=10), image_keys=["t/full", "t/crop-1"])
+    eng.submit(other, "x")
+    got, _ = _drain(eng)
+    assert eng.reused_tokens == reused  # same placeholder tokens, different image: a fresh prefill
+    assert got["x"][0].token_ids == HFEngine(tiny_bundle).generate([other])[0][0].token_ids
+
+
+def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bundle):
+    """A slot's cached keys and values were computed with the weights of their time: after an in-place update (an
+    optimizer step, a weight sync) the next turn is prefilled afresh, and samples what generate samples now."""
+    import copy
+
+    from vigorl_cli.models.load import ModelBundle
+
+    model = copy.deepcopy(tiny_bundle.model)
+    bundle = ModelBundle(model, tiny_bundle.processor, "x", "qwen2_5_vl")
+    eng = HFStreamingEngine(bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
+    eng.submit(first, "t1")
+    _drain(eng)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    eng.submit(first, "again")
+    got, _ = _drain(eng)
+    assert eng.reused_tokens == 0
+    assert got["again"][0].token_ids == HFEngine(bundle).generate([first])[0][0].token_ids

@@ -36,7 +36,9 @@ class SlotCache:
 
     Decode (``rows is None``): every slot's new key/value goes to that slot's own position ``pos[slot]``; attention
     reads the whole cache (a mask says which positions each slot sees). Prefill (``rows`` set): the prompts of the
-    slots ``rows`` are written at positions ``[0, W)`` and attention reads just those keys (the slots start empty)."""
+    slots ``rows`` are written at positions ``[0, W)`` and attention reads just those keys (the slots start empty).
+    Extend (``rows`` = one slot, ``extend_at`` set): a prompt suffix is written from ``extend_at`` on and attention
+    reads the slot's whole cache (its cached prefix included)."""
 
     is_compileable = True
 
@@ -47,6 +49,7 @@ class SlotCache:
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)  # decode: where each slot writes
         self.arange = torch.arange(slots, device=device)
         self.rows: torch.Tensor | None = None
+        self.extend_at: int | None = None  # extend mode: one slot (rows[0]) appends at this position
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.keys) <= layer_idx:  # allocated at the first prefill (dtype and heads known then)
@@ -55,6 +58,11 @@ class SlotCache:
             self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
             self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
         k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is not None and self.extend_at is not None:  # a suffix after the slot's cached prefix
+            b, s, T = int(self.rows[0]), self.extend_at, key_states.shape[2]
+            k[b, :, s:s + T] = key_states[0]
+            v[b, :, s:s + T] = value_states[0]
+            return k[b:b + 1], v[b:b + 1]
         if self.rows is not None:
             W = key_states.shape[2]
             k[self.rows, :, :W] = key_states
@@ -74,6 +82,19 @@ class _Row:
     index: int  # which of the request's n samples
     max_new: int
     stop: tuple[str, ...]
+    prompt: list[int]  # the expanded prompt, held in cache positions [offset, offset + len(prompt))
+    offset: int
+    image_keys: list  # identity of the prompt's images, in order
+
+
+@dataclass
+class _Parked:
+    """A finished slot whose cache still holds ``tokens`` from ``offset`` on: the next turn of the same episode
+    (its prompt extends these tokens) is prefilled from where they end."""
+
+    tokens: list[int]
+    offset: int
+    image_keys: list
 
 
 class HFStreamingEngine(HFEngine):
@@ -94,8 +115,11 @@ class HFStreamingEngine(HFEngine):
         self.cache_len = int(cache_len)
         self.max_new_cap = int(max_new_cap)
         self.use_graphs = use_graphs
-        self._queue: deque = deque()  # [group, request, seeds, samples already placed in slots]
+        self._queue: deque = deque()  # [group, request, seeds, samples already placed, prepared inputs or None]
         self._rows: list[_Row | None] = [None] * self.slots
+        self._parked: dict[int, _Parked] = {}  # free slots whose cache may serve an episode's next turn
+        self._parked_version = -1  # the weights' in-place version when they were parked
+        self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a parked prefix (tests, benchmarks)
         self._ready: list[tuple[Any, list[Completion]]] = []
         self._n_in_flight = 0
         self._streamed = 0
@@ -120,7 +144,7 @@ class HFStreamingEngine(HFEngine):
         if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it, same seeds
             self._ready.append((tag, self.generate([replace(request, params=p.with_(seed=base))])[0]))
             return
-        self._queue.append([group, request, seeds, 0])
+        self._queue.append([group, request, seeds, 0, None])
 
     def in_flight(self) -> int:
         return self._n_in_flight
@@ -128,6 +152,7 @@ class HFStreamingEngine(HFEngine):
     def abort(self) -> None:
         self._queue.clear()
         self._rows = [None] * self.slots
+        self._parked.clear()
         self._ready.clear()
         self._n_in_flight = 0
 
@@ -161,51 +186,80 @@ class HFStreamingEngine(HFEngine):
                         "suppress": torch.tensor(self.suppress, **lng) if self.suppress else None}
         return self._st
 
+    MIN_REUSE = 16  # shortest cached prefix worth an extension prefill
+
     def _fill(self) -> None:
-        """Prefill waiting requests into free slots (one left-padded batch), sampling their first tokens."""
-        free = [i for i, r in enumerate(self._rows) if r is None]
-        if not free or not self._queue:
+        """Start waiting requests: an episode's next turn whose prompt extends a parked slot's cached tokens is
+        prefilled from there (:meth:`_extend`); the others go into free slots in one left-padded prefill."""
+        if not self._queue:
+            self._parked.clear()
             return
         if all(r is None for r in self._rows):
             self._params = None  # drained: the next request may bring other sampling settings
-        batch: list[tuple[int, dict, GenerationRequest, int, int]] = []  # (slot, group, request, sample, seed)
+        if self._parked and self._weights_version() != self._parked_version:
+            self._parked.clear()  # the weights changed (an update): cached keys and values are stale
+        if self._parked:
+            for entry in list(self._queue):
+                if self._parked and entry[3] == 0 and len(entry[2]) == 1 and self._compatible(entry[1]):
+                    if self._extend(entry):
+                        self._queue.remove(entry)
+            self._parked.clear()  # not continued now: plain free slots
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        batch: list[tuple[int, dict, GenerationRequest, int, int, Any]] = []  # (slot, group, req, sample, seed, prep)
         while self._queue and len(batch) < len(free):
             entry = self._queue[0]
-            group, req, seeds, start = entry
-            core = (req.params.temperature, req.params.top_p, req.params.top_k)
-            if self._params is not None and core != self._params_core:
+            group, req, seeds, start, _ = entry
+            if not self._compatible(req):
                 break  # other sampling settings: wait until the slots drain
-            if self._params is None:
-                self._params, self._params_core = req.params, core
-                self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
+            prep = self._prepare(entry)
             take = min(len(seeds) - start, len(free) - len(batch))  # a request's n samples may span fills
             for k in range(start, start + take):
-                batch.append((free[len(batch)], group, req, k, seeds[k]))
+                batch.append((free[len(batch)], group, req, k, seeds[k], prep))
             entry[3] = start + take
             if entry[3] == len(seeds):
                 self._queue.popleft()
         if batch:
             self._prefill(batch)
 
+    def _compatible(self, req: GenerationRequest) -> bool:
+        """Whether ``req`` can run beside the slots' current sampling settings (which it sets when there are none)."""
+        core = (req.params.temperature, req.params.top_p, req.params.top_k)
+        if self._params is None:
+            self._params, self._params_core = req.params, core
+            self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
+        return core == self._params_core
+
+    def _prepare(self, entry) -> tuple:
+        """``(ids, pixel_values, grid, image_keys)`` of a queued request (processed once), or an exception."""
+        if entry[4] is None:
+            req = entry[1]
+            try:
+                pv, grid = self.encode_images(req.images) if req.images else (None, None)
+                ids = self.expand(req.prompt_ids, grid)
+                keys = [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
+                        for j, img in enumerate(req.images)]
+                entry[4] = (ids, pv, grid, keys)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                entry[4] = e
+        return entry[4]
+
     @torch.no_grad()
     def _prefill(self, batch) -> None:
         device = self.model.device
         st = self._state(device)
         todo = []
-        for slot, group, req, k, seed in batch:
-            try:
-                pv, grid = self.encode_images(req.images) if req.images else (None, None)
-                ids = self.expand(req.prompt_ids, grid)
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone
-                self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(e).__name__}: {e}"))
+        for slot, group, req, k, seed, prep in batch:
+            if isinstance(prep, Exception):
+                self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
                 continue
+            ids, pv, grid, keys = prep
             max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
             if len(ids) + max_new > self.cache_len:
                 self._finish_row(group, k, Completion([], "", [], "error", None,
                                                       f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
                                                       f"the cache length {self.cache_len}"))
                 continue
-            todo.append((slot, group, req, k, seed, ids, pv, grid, max_new))
+            todo.append((slot, group, req, k, seed, ids, pv, grid, max_new, keys))
         if not todo:
             return
         from vigorl_cli.models.load import mm_token_type_ids
@@ -238,23 +292,117 @@ class HFStreamingEngine(HFEngine):
                                  **extra)
         finally:
             cache.rows = None
-        seeds = torch.tensor([t[4] & 0x7FFF_FFFF_FFFF_FFFF for t in todo], dtype=torch.long, device=device)
-        chosen, lp = sample_next(out.logits[:, -1].float(), None, self._params, seeds, st["suppress"], 0)
-        limits = torch.tensor([t[8] for t in todo], dtype=torch.long, device=device)
-        st["seeds"][rows] = seeds
+        m = torch.zeros((len(todo), self.cache_len), dtype=torch.bool, device=device)
+        m[:, :W] = valid
+        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo],
+                    pos.amax(dim=2).amax(dim=0), W, m)
+        for t in todo:
+            self._rows[t[0]] = _Row(t[1], t[3], t[8], tuple(t[2].params.stop), t[5], W - len(t[5]), t[9])
+
+    def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
+               last_pos: torch.Tensor, cur: int | torch.Tensor, mask_rows: torch.Tensor) -> None:
+        """Sample the first token of freshly prefilled slots and set their decode state."""
+        st = self._st
+        device = rows.device
+        seeds_t = torch.tensor([s & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long, device=device)
+        chosen, lp = sample_next(logits.float(), None, self._params, seeds_t, st["suppress"], 0)
+        lim = torch.tensor(limits, dtype=torch.long, device=device)
+        st["seeds"][rows] = seeds_t
         st["step"][rows] = 0
-        st["limit"][rows] = limits
+        st["limit"][rows] = lim
         st["out_tok"][rows, 0] = chosen
         st["out_lp"][rows, 0] = lp
         st["tok"][rows, 0] = chosen
-        st["done"][rows] = (chosen[:, None] == st["eos"][None, :]).any(-1) | (limits <= 1)
-        st["pos"][:, rows, 0] = pos.amax(dim=2).amax(dim=0)[None, :].expand(3, -1) + 1
-        cache.pos[rows] = W
-        m = torch.zeros((len(todo), self.cache_len), dtype=torch.bool, device=device)
-        m[:, :W] = valid
-        st["mask"][rows, 0, 0] = m
-        for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[8], tuple(t[2].params.stop))
+        st["done"][rows] = (chosen[:, None] == st["eos"][None, :]).any(-1) | (lim <= 1)
+        st["pos"][:, rows, 0] = last_pos[None, :].expand(3, -1) + 1
+        st["cache"].pos[rows] = cur
+        st["mask"][rows, 0, 0] = mask_rows
+
+    @torch.no_grad()
+    def _extend(self, entry) -> bool:
+        """Prefill ``entry``'s request from the end of the longest parked prefix it extends (same tokens, same
+        images); False when none fits (the request then takes a fresh prefill)."""
+        group, req, seeds = entry[0], entry[1], entry[2]
+        prep = self._prepare(entry)
+        if isinstance(prep, Exception):
+            return False
+        ids, pv, grid, keys = prep
+        max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
+        best = None
+        for slot, pk in self._parked.items():
+            n = self._reusable(ids, grid, keys, pk)
+            if n >= self.MIN_REUSE and pk.offset + len(ids) + max_new <= self.cache_len and (
+                    best is None or n > best[1]):
+                best = (slot, n)
+        if best is None:
+            return False
+        slot, lcp = best
+        pk = self._parked.pop(slot)
+        from vigorl_cli.models.load import mm_token_type_ids
+
+        device = self.model.device
+        st = self._state(device)
+        k_img = self._images_in(ids, lcp)  # images wholly inside the reused prefix
+        full = torch.tensor([ids], dtype=torch.long, device=device)
+        ones = torch.ones_like(full)
+        grid_d = grid.to(device) if grid is not None else None
+        pos = prompt_positions(self.model, full, ones, mm_token_type_ids(full, self.model.config).to(device), grid_d)
+        suffix = full[:, lcp:]
+        T, s0 = len(ids), pk.offset + lcp
+        extra = {}
+        if grid is not None and k_img < grid.shape[0]:
+            per = grid.prod(-1).tolist()
+            extra = {"pixel_values": pv[sum(per[:k_img]):].to(device, dtype=self.model.dtype),
+                     "image_grid_thw": grid_d[k_img:]}
+        q = torch.arange(s0, pk.offset + T, device=device)[:, None]  # absolute positions of the suffix queries
+        kv = torch.arange(self.cache_len, device=device)[None, :]
+        see = ((kv >= pk.offset) & (kv <= q))[None, None]  # [1, 1, Ts, L]: the cached prefix + causal suffix
+        cache = st["cache"]
+        rows = torch.tensor([slot], dtype=torch.long, device=device)
+        cache.rows, cache.extend_at = rows, s0
+        try:
+            with self._autocast():
+                out = self.model(input_ids=suffix, attention_mask=see, position_ids=pos[:, :, lcp:],
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                 mm_token_type_ids=mm_token_type_ids(suffix, self.model.config).to(device), **extra)
+        finally:
+            cache.rows, cache.extend_at = None, None
+        m = torch.zeros((1, self.cache_len), dtype=torch.bool, device=device)
+        m[0, pk.offset:pk.offset + T] = True
+        self._start(rows, out.logits[:, -1], seeds[:1], [max_new], pos.amax(dim=2).amax(dim=0), pk.offset + T, m)
+        self._rows[slot] = _Row(group, 0, max_new, tuple(req.params.stop), ids, pk.offset, keys)
+        entry[3] = 1
+        self.reused_tokens += lcp
+        return True
+
+    def _image_runs(self, ids: list[int]) -> list[tuple[int, int]]:
+        """``[start, end)`` of each image's placeholder run in expanded ``ids``."""
+        runs, i = [], 0
+        while i < len(ids):
+            if ids[i] == self.image_token_id:
+                j = i
+                while j < len(ids) and ids[j] == self.image_token_id:
+                    j += 1
+                runs.append((i, j))
+                i = j
+            else:
+                i += 1
+        return runs
+
+    def _images_in(self, ids: list[int], n: int) -> int:
+        return sum(1 for _, end in self._image_runs(ids) if end <= n)
+
+    def _reusable(self, ids: list[int], grid, keys: list, pk: _Parked) -> int:
+        """How many leading tokens of ``ids`` the parked cache holds: the common prefix, cut back to the start of an
+        image it would split, and only if the images it spans are the same images (placeholders alone cannot tell)."""
+        n, lim = 0, min(len(ids) - 1, len(pk.tokens))  # at least one token left to prefill (its logits sample)
+        while n < lim and ids[n] == pk.tokens[n]:
+            n += 1
+        for start, end in self._image_runs(ids):
+            if start < n < end:
+                n = start
+        k = self._images_in(ids, n)
+        return n if keys[:k] == pk.image_keys[:k] else 0
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -313,6 +461,11 @@ class HFStreamingEngine(HFEngine):
     def _weights(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
+    def _weights_version(self) -> int:
+        """Changes whenever a parameter is modified in place (an optimizer step, a weight sync): autograd's
+        version counters, which every in-place op bumps, with or without grad."""
+        return sum(p._version for p in self.model.parameters())
+
     def _collect(self) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
         st = self._st
@@ -329,6 +482,11 @@ class HFStreamingEngine(HFEngine):
                 continue
             comp = self._finish(tokens, lps[j][:n], _Stops(row.stop))
             self._rows[slot] = None
+            # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
+            # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
+            fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - row.offset - len(row.prompt))]
+            self._parked[slot] = _Parked(row.prompt + fed, row.offset, row.image_keys)
+            self._parked_version = self._weights_version()
             self._finish_row(row.group, row.index, comp)
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
