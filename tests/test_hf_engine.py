@@ -276,3 +276,51 @@ def test_requests_with_different_token_limits_share_a_batch_and_keep_their_own_s
             assert torch.allclose(torch.tensor(t[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)
         assert [len(t[0].token_ids) for t in together if t[0].finish_reason == "length"] == \
             [r.params.max_new_tokens for r, t in zip(reqs, together) if t[0].finish_reason == "length"]
+
+
+def test_image_features_of_keyed_images_are_reused_across_calls_until_the_vision_weights_change(tiny_bundle):
+    """A multi-turn episode shows its earlier images again at every turn: features of images named by a string key
+    are kept from one call to the next, so the vision tower encodes only new images (here: none, then only the
+    crop), with the samples of a fresh engine; an unkeyed image is encoded every time; an in-place change of the
+    vision weights empties the cache."""
+    import copy
+
+    from vigorl_cli.models.load import ModelBundle
+
+    model = copy.deepcopy(tiny_bundle.model)
+    bundle = ModelBundle(model, tiny_bundle.processor, "x", "qwen2_5_vl")
+    eng = HFEngine(bundle, batch_size=8)
+    seen = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    pv1, _ = eng.encode_images([IM1])
+    pv2, _ = eng.encode_images([IM2])
+
+    def turn(keys, images, seed):
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": "Which?"}]}]
+        prompt = bundle.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        r = GenerationRequest(bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"], images,
+                              SamplingParams(seed=seed, max_new_tokens=6), image_keys=keys)
+        return r
+
+    try:
+        t1 = turn(["s/full"], [IM1], 1)
+        t2 = turn(["s/full", "s/crop-1"], [IM1, IM2], 2)
+        a = eng.generate([t1])
+        b = eng.generate([t1])  # same image again: nothing encoded
+        c = eng.generate([t2])  # only the crop is new
+        assert seen == [pv1.shape[0], pv2.shape[0]]
+        fresh = HFEngine(ModelBundle(copy.deepcopy(model), tiny_bundle.processor, "x", "qwen2_5_vl"))
+        assert a[0][0].token_ids == b[0][0].token_ids == fresh.generate([t1])[0][0].token_ids
+        assert c[0][0].token_ids == fresh.generate([t2])[0][0].token_ids
+        seen.clear()
+        unkeyed = turn(None, [IM1], 3)
+        eng.generate([unkeyed])
+        eng.generate([unkeyed])
+        assert seen == [pv1.shape[0]] * 2  # identity keys are not stable across calls: never cached
+        seen.clear()
+        with torch.no_grad():
+            next(model.model.visual.parameters()).mul_(1.5)
+        eng.generate([t1])
+        assert seen == [pv1.shape[0]]  # new vision weights: encoded again
+    finally:
+        hook.remove()

@@ -20,7 +20,7 @@ Design points (environment.md §2.2 pitfalls are handled here):
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +190,9 @@ class HFEngine:
         ours = self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
         self._decoder = static_decode.StaticDecoder(self.model) if ours else None
         self._calls = 0
+        self._features: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # key → (feats, grid)
+        self._feature_state: tuple = ()
+        self._pixel_dim = 0
 
     # -- public -----------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
@@ -235,7 +238,39 @@ class HFEngine:
         if not images:
             return None, None
         feats = self.processor.image_processor(images=images, return_tensors="pt")
+        self._pixel_dim = int(feats["pixel_values"].shape[-1])
         return feats["pixel_values"], feats["image_grid_thw"]
+
+    # -- image-feature cache --------------------------------------------------------------------------------------
+    FEATURE_CACHE = 512  # distinct images whose vision features are kept (a 672² crop of the 3B shape: 2.4 MB)
+
+    def _vision_state(self) -> tuple:
+        """Changes when the vision tower's weights change (in place: autograd version counters; or new storage)."""
+        visual = getattr(getattr(self.model, "model", None), "visual", None)
+        params = list(visual.parameters()) if visual is not None else []
+        return (sum(p._version for p in params), tuple(p.data_ptr() for p in params[:1]))
+
+    def _cached_features(self, keys: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{distinct image index: (features, grid row)}`` for the string keys cached under the current weights."""
+        if self.synced_gpus:  # every rank must run the (collective) vision tower
+            return {}
+        state = self._vision_state()
+        if state != self._feature_state:
+            self._features.clear()
+            self._feature_state = state
+        out = {}
+        for u, k in enumerate(keys):
+            if isinstance(k, str) and k in self._features:
+                self._features.move_to_end(k)
+                out[u] = self._features[k]
+        return out
+
+    def _remember_features(self, key: Any, feats: torch.Tensor, grid_row: torch.Tensor) -> None:
+        if self.synced_gpus or not isinstance(key, str):  # identity keys are not stable across calls
+            return
+        self._features[key] = (feats.detach(), grid_row.clone())
+        while len(self._features) > self.FEATURE_CACHE:
+            self._features.popitem(last=False)
 
     def expand(self, prompt_ids: list[int], grid: torch.Tensor | None) -> list[int]:
         """One placeholder per image → as many as the image has merged patches."""
@@ -276,20 +311,34 @@ class HFEngine:
                 keys.append(req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img)))
         first, occ = distinct_images(keys)  # occ: occurrence → index into the distinct images
         uniq = [images[i] for i in first]
-        pv_u, grid_u = self.encode_images(uniq)
+        share = bool(self.dedupe_images and uniq and self.bundle.kind in SHARED_IMAGE_KINDS)
+        # images named by a string key whose features an earlier call computed (same vision weights) are not
+        # processed or encoded again (a multi-turn episode's earlier images, an MCTS tree's image)
+        ukeys = [keys[i] for i in first]
+        known = self._cached_features(ukeys) if share else {}
+        todo = [u for u in range(len(uniq)) if u not in known]
+        pv_todo, grid_todo = self.encode_images([uniq[u] for u in todo])
+        grid_u = None
+        if uniq:
+            rows, fresh = [], iter(grid_todo if grid_todo is not None else [])
+            for u in range(len(uniq)):
+                rows.append(known[u][1] if u in known else next(fresh))
+            grid_u = torch.stack(rows)
+        pv_u = pv_todo
         grid_occ = grid_u[torch.tensor(occ, dtype=torch.long)] if uniq else None  # [n_occurrences, 3]
         ids_rows = []
         for (ri, _, _), mine in zip(chunk, row_occ):
             ids_rows.append(self.expand(requests[ri].prompt_ids, grid_occ[mine] if mine else None))
-        share = self.dedupe_images and uniq and len(uniq) < len(occ) and self.bundle.kind in SHARED_IMAGE_KINDS
         if uniq and not share:  # every occurrence encoded (models whose image features we do not re-use)
             sizes = grid_u.prod(-1).tolist()
             starts = [0]
             for n in sizes:
                 starts.append(starts[-1] + n)
             pix = [torch.cat([pv_u[starts[u]:starts[u + 1]] for u in occ])]
+        elif uniq:
+            pix = [pv_u if pv_u is not None else torch.zeros((0, self._pixel_dim), dtype=torch.float32)]
         else:
-            pix = [pv_u] if uniq else []
+            pix = []
         grids = [grid_occ] if uniq else []
         width = max(len(r) for r in ids_rows)
         if self.static_cache:  # a bounded set of prompt widths: fewer shapes for the compiled decode step
@@ -306,8 +355,12 @@ class HFEngine:
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
-        shared = (shared_image_features(self.model, grid_u.to(device), occ) if pix and share
-                  else contextlib.nullcontext())
+        def remember(u: int, feats: torch.Tensor) -> None:
+            self._remember_features(ukeys[u], feats, grid_u[u])
+
+        shared = (shared_image_features(self.model, grid_u.to(device), occ,
+                                        known={u: f for u, (f, _) in known.items()}, on_encoded=remember)
+                  if pix and share else contextlib.nullcontext())
         # static cache: bucketed lengths, so later calls of the batch size reuse the captured / compiled graphs
         cache_len = -(-(width + params.max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
         if self._decoder is not None:  # engine.static_cache: our decode loop, one CUDA graph per step

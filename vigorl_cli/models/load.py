@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,19 +251,37 @@ def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
 
 
 @contextlib.contextmanager
-def shared_image_features(model: Any, grid_unique, occurrence: list[int]):
+def shared_image_features(model: Any, grid_unique, occurrence: list[int], known: dict[int, Any] | None = None,
+                          on_encoded: Callable[[int, Any], None] | None = None):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
     per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct
     images and hands back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple
-    per image): see :data:`SHARED_IMAGE_KINDS`. Used by the HF engine (a GRPO group's rows) and the trainer's log-prob passes."""
+    per image): see :data:`SHARED_IMAGE_KINDS`. Used by the HF engine (a GRPO group's rows) and the trainer's log-prob
+    passes.
+
+    ``known``: features of some distinct images, by index, computed earlier (the HF engine's feature cache): the
+    pixels handed to the model are then those of the other distinct images only, in order (an empty tensor when all
+    are known), and only those are encoded; ``on_encoded(index, features)`` sees each freshly encoded one."""
     core = model.model
     original = core.get_image_features
     index = list(occurrence)
+    known = known or {}
+    todo = [u for u in range(int(grid_unique.shape[0])) if u not in known]
 
     def shared(pixel_values, image_grid_thw=None, **kw):
-        out = original(pixel_values, grid_unique, **kw)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        per_occ = tuple(feats[u] for u in index)
+        out, fresh = None, []
+        if todo:
+            out = original(pixel_values, grid_unique[todo], **kw)
+            fresh = list(out.pooler_output if hasattr(out, "pooler_output") else out)
+            if on_encoded is not None:
+                for u, f in zip(todo, fresh):
+                    on_encoded(u, f)
+        by_unique = dict(zip(todo, fresh))
+        per_occ = tuple(known[u] if u in known else by_unique[u] for u in index)
+        if out is None:  # every image known: what the model reads is the pooler output
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(pooler_output=per_occ)
         if hasattr(out, "pooler_output"):
             out.pooler_output = per_occ
             return out
