@@ -242,7 +242,7 @@ class HFEngine:
         return feats["pixel_values"], feats["image_grid_thw"]
 
     # -- image-feature cache --------------------------------------------------------------------------------------
-    FEATURE_CACHE = 512  # distinct images whose vision features are kept (a 672² crop of the 3B shape: 2.4 MB)
+    FEATURE_CACHE = 256  # distinct images whose vision features are kept (a 672² crop of the 3B shape: 2.4 MB)
 
     def _vision_state(self) -> tuple:
         """Changes when the vision tower's weights change (in place: autograd version counters; or new storage)."""
