@@ -264,6 +264,10 @@ def main() -> None:
                "errors": sum(e.finish == "error" for e in eps)}
         if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
             out["reused_prompt_tokens"] = engine.reused_tokens - reused
+        if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
+            dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
+            out["graphs_captured"] = getattr(dec, "captures", None)
+            out["capture_error"] = getattr(dec, "capture_error", None)
         print(json.dumps(out), flush=True)
         return out, eps
 

@@ -107,6 +107,7 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["turn_synchronous"]["engine"] == "HFEngine" and r["no_barrier"]["engine"] == "HFStreamingEngine"
     assert r["no_barrier"]["turns"] == r["turn_synchronous"]["turns"] > 8  # episodes took several turns
     assert r["no_barrier"]["reused_prompt_tokens"] > 0  # next turns were prefilled from their cached prefix
+    assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
 def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
