@@ -126,6 +126,12 @@ class StreamingEngine(Protocol):
     def in_flight(self) -> int: ...
 
 
+def sample_seeds(base: int, n: int) -> list[int]:
+    """The seeds of a request's ``n`` samples: ``base`` itself when ``n == 1``, else ``derive_seed(base, k)``
+    (every engine seeds samples this way, so a request samples alike on each)."""
+    return [derive_seed(base, k) for k in range(n)] if n > 1 else [base]
+
+
 def derive_seed(*parts: Any) -> int:
     """A stable 63-bit seed from (run seed, sample id, turn, ...): the same on every machine and process.
 

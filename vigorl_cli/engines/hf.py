@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor
 
-from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed
+from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed, sample_seeds
 from vigorl_cli.models.load import (
     SHARED_IMAGE_KINDS,
     ModelBundle,
@@ -198,9 +198,8 @@ class HFEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         rows: list[tuple[int, int, int]] = []  # (request index, sample index, seed)
         for ri, r in enumerate(requests):
-            for k in range(r.params.n):
-                base = r.params.seed if r.params.seed is not None else derive_seed(self.seed, self._calls, ri)
-                rows.append((ri, k, derive_seed(base, k) if r.params.n > 1 else base))
+            base = r.params.seed if r.params.seed is not None else derive_seed(self.seed, self._calls, ri)
+            rows.extend((ri, k, s) for k, s in enumerate(sample_seeds(base, r.params.n)))
         self._calls += 1
         groups: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)
         for row in rows:
@@ -246,9 +245,10 @@ class HFEngine:
 
     def _vision_state(self) -> tuple:
         """Changes when the vision tower's weights change (in place: autograd version counters; or new storage)."""
+        from vigorl_cli.engines.static_decode import weight_addresses, weight_version
+
         visual = getattr(getattr(self.model, "model", None), "visual", None)
-        params = list(visual.parameters()) if visual is not None else []
-        return (sum(p._version for p in params), tuple(p.data_ptr() for p in params[:1]))
+        return (weight_version(visual), weight_addresses(visual)) if visual is not None else ()
 
     def _cached_features(self, keys: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{distinct image index: (features, grid row)}`` for the string keys cached under the current weights."""
@@ -317,14 +317,13 @@ class HFEngine:
         ukeys = [keys[i] for i in first]
         known = self._cached_features(ukeys) if share else {}
         todo = [u for u in range(len(uniq)) if u not in known]
-        pv_todo, grid_todo = self.encode_images([uniq[u] for u in todo])
+        pv_u, grid_todo = self.encode_images([uniq[u] for u in todo])  # pixels of the images still to encode
         grid_u = None
         if uniq:
             rows, fresh = [], iter(grid_todo if grid_todo is not None else [])
             for u in range(len(uniq)):
                 rows.append(known[u][1] if u in known else next(fresh))
             grid_u = torch.stack(rows)
-        pv_u = pv_todo
         grid_occ = grid_u[torch.tensor(occ, dtype=torch.long)] if uniq else None  # [n_occurrences, 3]
         ids_rows = []
         for (ri, _, _), mine in zip(chunk, row_occ):

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from vigorl_cli.engines.base import Completion, GenerationRequest, derive_seed
+from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed, sample_seeds
 from vigorl_cli.engines.hf import HFEngine, sample_next
-from vigorl_cli.engines.static_decode import (_attn_implementation, capture_step, decode_attention, prompt_positions,
-                                              supports)
+from vigorl_cli.engines.static_decode import (_attn_implementation, capture_step, decode_attention, prompt_mask,
+                                              prompt_positions, supports, weight_addresses, weight_version)
 
 
 class SlotCache:
@@ -81,7 +81,7 @@ class _Row:
     group: dict  # the request's group: its tag and completions so far
     index: int  # which of the request's n samples
     max_new: int
-    stop: tuple[str, ...]
+    params: SamplingParams  # its stop strings end it (HFEngine._cut / _finish)
     prompt: list[int]  # the expanded prompt, held in cache positions [offset, offset + len(prompt))
     offset: int
     image_keys: list  # identity of the prompt's images, in order
@@ -139,7 +139,7 @@ class HFStreamingEngine(HFEngine):
         p = request.params
         base = p.seed if p.seed is not None else derive_seed(self.seed, "stream", self._streamed)
         self._streamed += 1
-        seeds = [derive_seed(base, k) if p.n > 1 else base for k in range(p.n)]
+        seeds = sample_seeds(base, p.n)
         group = {"tag": tag, "out": [None] * p.n, "left": p.n}
         if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it, same seeds
             self._ready.append((tag, self.generate([replace(request, params=p.with_(seed=base))])[0]))
@@ -196,7 +196,7 @@ class HFStreamingEngine(HFEngine):
             return
         if all(r is None for r in self._rows):
             self._params = None  # drained: the next request may bring other sampling settings
-        if self._parked and self._weights_version() != self._parked_version:
+        if self._parked and weight_version(self.model) != self._parked_version:
             self._parked.clear()  # the weights changed (an update): cached keys and values are stale
         if self._parked:
             for entry in list(self._queue):
@@ -280,8 +280,7 @@ class HFStreamingEngine(HFEngine):
                      "image_grid_thw": torch.cat(grids).to(device)}
         pos = prompt_positions(self.model, input_ids, attn, mm, extra.get("image_grid_thw"))  # [3, n, W]
         valid = attn.bool()
-        i = torch.arange(W, device=device)
-        see = ((i[None, :] <= i[:, None])[None] & valid[:, None, :]) | torch.eye(W, dtype=torch.bool, device=device)
+        see = prompt_mask(valid)
         rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
         cache = st["cache"]
         cache.rows = rows
@@ -297,7 +296,7 @@ class HFStreamingEngine(HFEngine):
         self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo],
                     pos.amax(dim=2).amax(dim=0), W, m)
         for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[8], tuple(t[2].params.stop), t[5], W - len(t[5]), t[9])
+            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5], W - len(t[5]), t[9])
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
                last_pos: torch.Tensor, cur: int | torch.Tensor, mask_rows: torch.Tensor) -> None:
@@ -370,7 +369,7 @@ class HFStreamingEngine(HFEngine):
         m = torch.zeros((1, self.cache_len), dtype=torch.bool, device=device)
         m[0, pk.offset:pk.offset + T] = True
         self._start(rows, out.logits[:, -1], seeds[:1], [max_new], pos.amax(dim=2).amax(dim=0), pk.offset + T, m)
-        self._rows[slot] = _Row(group, 0, max_new, tuple(req.params.stop), ids, pk.offset, keys)
+        self._rows[slot] = _Row(group, 0, max_new, req.params, ids, pk.offset, keys)
         entry[3] = 1
         self.reused_tokens += lcp
         return True
@@ -431,7 +430,7 @@ class HFStreamingEngine(HFEngine):
     def _advance(self, n: int) -> None:
         device = self.model.device
         graphs = device.type == "cuda" and self.use_graphs is not False
-        if self._graph is not None and self._graph_weights != self._weights():  # parameters moved: capture again
+        if self._graph is not None and self._graph_weights != weight_addresses(self.model):  # moved: capture again
             self._graph, self._eager_steps = None, 0
         with decode_attention(self.model):
             k = 0
@@ -444,7 +443,7 @@ class HFStreamingEngine(HFEngine):
                         self.capture_error, self.use_graphs, graphs = err, False, False
                     else:
                         self.captures += 1
-                        self._graph_weights = self._weights()
+                        self._graph_weights = weight_addresses(self.model)
                     continue
                 elif graphs:
                     side = torch.cuda.Stream(device)
@@ -458,14 +457,6 @@ class HFStreamingEngine(HFEngine):
                         self._step()
                 k += 1
 
-    def _weights(self) -> tuple:
-        return tuple(p.data_ptr() for p in self.model.parameters())
-
-    def _weights_version(self) -> int:
-        """Changes whenever a parameter is modified in place (an optimizer step, a weight sync): autograd's
-        version counters, which every in-place op bumps, with or without grad."""
-        return sum(p._version for p in self.model.parameters())
-
     def _collect(self) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
         st = self._st
@@ -478,15 +469,15 @@ class HFStreamingEngine(HFEngine):
             row = self._rows[slot]
             n = min(steps[slot] + 1, row.max_new)
             tokens = toks[j][:n]
-            if not done[slot] and not (row.stop and self._cut(tokens, _Stops(row.stop)) is not None):
+            if not done[slot] and not (row.params.stop and self._cut(tokens, row.params) is not None):
                 continue
-            comp = self._finish(tokens, lps[j][:n], _Stops(row.stop))
+            comp = self._finish(tokens, lps[j][:n], row.params)
             self._rows[slot] = None
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
             fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - row.offset - len(row.prompt))]
             self._parked[slot] = _Parked(row.prompt + fed, row.offset, row.image_keys)
-            self._parked_version = self._weights_version()
+            self._parked_version = weight_version(self.model)
             self._finish_row(row.group, row.index, comp)
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
@@ -495,9 +486,3 @@ class HFStreamingEngine(HFEngine):
         if group["left"] == 0:
             self._ready.append((group["tag"], group["out"]))
 
-
-@dataclass(frozen=True)
-class _Stops:
-    """What :meth:`HFEngine._cut` / ``_finish`` read from sampling params: the stop strings."""
-
-    stop: tuple[str, ...]

@@ -69,11 +69,11 @@ def _register() -> None:
 @contextlib.contextmanager
 def decode_attention(model: torch.nn.Module):
     """Route the language model's attention through :func:`_decode_attention` (sdpa models only) for a while."""
-    from vigorl_cli.models.packed_attention import _text_config
+    from vigorl_cli.models.packed_attention import IMPL, _text_config
 
     text = _text_config(model)
     impl = getattr(text, "_attn_implementation", None)
-    if impl not in ("sdpa", "vigorl_sdpa"):
+    if impl not in ("sdpa", IMPL):  # vigorl_sdpa is HF's sdpa outside packed plans
         yield
         return
     _register()
@@ -100,9 +100,10 @@ def _attn_implementation(model: torch.nn.Module) -> str:
 
 def supports(model: torch.nn.Module, kind: str) -> bool:
     """Whether :class:`StaticDecoder` can drive this model (else the engine uses ``generate``)."""
-    impl = _attn_implementation(model)
-    return kind in SUPPORTED_KINDS and _rope_owner(model) is not None and (
-        impl in ("sdpa", "eager") or impl.startswith("vigorl_sdpa"))
+    from vigorl_cli.models.packed_attention import IMPL
+
+    return kind in SUPPORTED_KINDS and _rope_owner(model) is not None and _attn_implementation(model) in (
+        "sdpa", "eager", IMPL)
 
 
 def prompt_positions(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -119,6 +120,26 @@ def prompt_positions(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         kw["mm_token_type_ids"] = mm_token_type_ids
     pos, _ = owner.get_rope_index(input_ids, **kw)
     return pos
+
+
+def prompt_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``[B, W, W]`` boolean attention of left-padded prompts (``valid``: ``[B, W]`` real tokens): causal over real
+    keys; a padding query sees itself, so no row is all-masked (its output is never used)."""
+    W = valid.shape[1]
+    i = torch.arange(W, device=valid.device)
+    see = (i[None, :] <= i[:, None])[None] & valid[:, None, :]
+    return see | torch.eye(W, dtype=torch.bool, device=valid.device)[None]
+
+
+def weight_addresses(module: torch.nn.Module) -> tuple:
+    """Where the parameters live: a captured graph reads them there, so a change means capturing again."""
+    return tuple(p.data_ptr() for p in module.parameters())
+
+
+def weight_version(module: torch.nn.Module) -> int:
+    """Changes whenever a parameter is modified in place (an optimizer step, a weight sync): autograd's version
+    counters, which every in-place op bumps, with or without grad."""
+    return sum(p._version for p in module.parameters())
 
 
 def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
@@ -174,10 +195,6 @@ class StaticDecoder:
         self.additive_mask = _attn_implementation(model) == "eager"
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.capture_error: str | None = None
-
-    def reset(self) -> None:
-        """Drop every cache and captured graph (e.g. after the model's weights moved to new storage)."""
-        self.states.clear()
 
     # -- the pieces of one step -----------------------------------------------------------------------------
     def _allow(self, st: _State, slot: torch.Tensor) -> None:
@@ -237,9 +254,6 @@ class StaticDecoder:
         self.states[key] = st
         return st
 
-    def _weights(self) -> tuple:
-        return tuple(p.data_ptr() for p in self.model.parameters())
-
     # -- public -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs: dict[str, Any], params: Any, seeds: list[int], cache_len: int,
@@ -261,7 +275,7 @@ class StaticDecoder:
             raise ValueError(f"cache length {cache_len} < prompt width {W} + {max_new} new tokens")
         dtype = next(self.model.parameters()).dtype if autocast_dtype is None else autocast_dtype
         st = self._state(B, cache_len, max_new, params, device, dtype, tuple(eos_ids), tuple(suppress_ids))
-        if st.graph is not None and st.weights != self._weights():  # parameters moved: capture again
+        if st.graph is not None and st.weights != weight_addresses(self.model):  # parameters moved: capture again
             st.graph, st.eager_steps = None, 0
         graphs = device.type == "cuda" and self.use_graphs is not False
         autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)
@@ -271,11 +285,8 @@ class StaticDecoder:
         pos = prompt_positions(self.model, input_ids, attn, inputs["mm_token_type_ids"],
                                inputs.get("image_grid_thw"))  # [3, B, W]
         valid = attn.bool()
-        i = torch.arange(W, device=device)
-        see = (i[None, :] <= i[:, None])[None] & valid[:, None, :]  # [B, W(query), W(key)] causal + padding
-        see |= torch.eye(W, dtype=torch.bool, device=device)[None]  # a padding query sees itself (no all-masked row)
         pre = torch.zeros((B, 1, W, cache_len), dtype=torch.bool, device=device)
-        pre[:, 0, :, :W] = see
+        pre[:, 0, :, :W] = prompt_mask(valid)
         st.cache.reset()
         st.seeds.copy_(torch.tensor([int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long))
         st.hist.copy_(input_ids[:, -1:].expand(B, cache_len))
@@ -339,7 +350,7 @@ class StaticDecoder:
         if st.graph is None:
             self.capture_error, self.use_graphs = err, False
             return False
-        st.weights = self._weights()
+        st.weights = weight_addresses(self.model)
         self.captures += 1
         return True
 

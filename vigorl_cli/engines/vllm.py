@@ -54,7 +54,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed
+from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed, sample_seeds
 from vigorl_cli.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ class VLLMEngine:
         if r.images:
             prompt["multi_modal_data"] = {"image": list(r.images)}
         n = r.params.n
-        sps = [self.sampling_params(r.params, derive_seed(base_seed, k) if n > 1 else base_seed) for k in range(n)]
+        sps = [self.sampling_params(r.params, s) for s in sample_seeds(base_seed, n)]
         return [prompt] * n, sps
 
     def update_weights(self, weights: Any) -> float:
