@@ -257,8 +257,8 @@ def train(recipe: Recipe, model: str | None = None, data: list[str | Path] | Non
         if recipe.model.compile:
             from vigorl_cli.train.sft import compile_for_training
 
-            say(f"model.compile: {compile_for_training(policy, g.parallel)} policy blocks compiled "
-                "(regional; rollouts run eager)")
+            say(f"model.compile: {compile_for_training(policy, g.parallel)} policy blocks compiled (regional; the "
+                "HF engine's bf16 rollout copy gets its own, otherwise rollouts run eager)")
         run = wrap(policy, dist, OptimConfig(lr=g.lr, weight_decay=g.weight_decay,
                                                        max_grad_norm=g.max_grad_norm, bf16=bf16))
         collate = Collator(processor, hf.config, rope_index_of(hf), packing=g.packing, fake_image_if_empty=synced)
