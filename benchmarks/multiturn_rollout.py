@@ -276,8 +276,8 @@ def main() -> None:
     run("warmup", False, keys[:4])
     sync, eps_sync = run("turn_synchronous", False, keys)
     ours, eps_ours = run("no_barrier", True, keys)
-    identical = [snapshot(a) for a in eps_sync] == [snapshot(b) for b in eps_ours]
     same = sum(snapshot(a) == snapshot(b) for a, b in zip(eps_sync, eps_ours))
+    identical = len(eps_sync) == len(eps_ours) == same
     final = {"benchmark": "multiturn_rollout", "model": sync["model"], "device": dev, "engine": args.engine,
              "vllm": version,
              "settings": {k: getattr(args, k) for k in ("episodes", "group", "max_calls", "min_tokens", "max_tokens",
