@@ -143,6 +143,40 @@ def snapshot(ep) -> tuple:
             tuple(si.key for si in ep.images))
 
 
+def time_phases(engine: Any) -> None:
+    """Wrap the engine's phase methods so that ``engine.bench_phases[name] = [seconds, calls]`` (device-synchronised
+    at each end, which costs a little overlap): where a loop's time goes."""
+    import functools
+
+    import torch
+
+    engine.bench_phases = {}
+    targets = {"encode_images": engine, "_prefill": engine, "_extend": engine, "_advance": engine,
+               "_collect": engine, "_prepare": engine}
+    dec = getattr(engine, "_decoder", None)
+    if dec is not None:
+        targets.update({"generate": dec, "_decode": dec})
+    for name, obj in targets.items():
+        fn = getattr(obj, name, None)
+        if fn is None:
+            continue
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                acc = engine.bench_phases.setdefault(_name, [0.0, 0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+
+        setattr(obj, name, functools.wraps(fn)(timed))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2.5-vl-3b")
@@ -161,6 +195,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     ap.add_argument("--slots", type=int, default=32, help="hf: rows per batched call / continuous-batching slots")
+    ap.add_argument("--phases", action="store_true",
+                    help="hf: time the engines' phases (prefill, decode, host checks; a device sync at each end)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed runs, profile the no-barrier loop on N episodes (torch.profiler tables)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not 0 <= args.max_calls <= 3:
@@ -183,7 +221,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mtroll-"))
     root = work / "demo"
     n_prompts = -(-args.episodes // args.group)
-    generate_demo(root, n_per_task=max(40, n_prompts))
+    generate_demo(root, n_per_task=max(40, 3 * n_prompts))  # the RL split holds about 45% of a task's images
     if args.tiny:
         model, dtype = "tiny-qwen2.5-vl", "float32"
     else:
@@ -218,9 +256,14 @@ def main() -> None:
                    True: HFStreamingEngine(bundle, batch_size=args.slots, seed=args.seed,
                                            cache_len=args.max_model_len, max_new_cap=args.max_tokens)}
         version = None
+        if args.phases:
+            for e in engines.values():
+                time_phases(e)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
     samples = read_samples(root / args.data).samples[:n_prompts]
+    if len(samples) < n_prompts:
+        raise SystemExit(f"{args.data} has {len(samples)} samples, {n_prompts} needed for {args.episodes} episodes")
     shown = {}
     for s in samples:
         original, frame, img = load_for_model(s.image_paths(root)[0], processor)
@@ -248,6 +291,8 @@ def main() -> None:
         eng = ScriptedToolUse(engine, processor.tokenizer, plan, seed=args.seed)
         eps = episodes(subset)
         reused = getattr(engine, "reused_tokens", None)
+        prefills0 = getattr(engine, "prefills", 0)
+        phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -264,10 +309,15 @@ def main() -> None:
                "errors": sum(e.finish == "error" for e in eps)}
         if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
             out["reused_prompt_tokens"] = engine.reused_tokens - reused
+            out["prefill_forwards"] = engine.prefills - prefills0
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)
             out["capture_error"] = getattr(dec, "capture_error", None)
+        if args.phases:
+            now = engine.bench_phases
+            out["phases"] = {k: [round(now[k][0] - phases0.get(k, (0, 0))[0], 3), now[k][1] - phases0.get(k, (0, 0))[1]]
+                             for k in now}
         print(json.dumps(out), flush=True)
         return out, eps
 
@@ -287,6 +337,23 @@ def main() -> None:
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
              "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
     print(json.dumps(final), flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        eng = engines[True]
+        for name in ("_prefill", "_advance", "_collect", "_prepare"):
+            fn = getattr(eng, name, None)
+            if fn is not None:
+                def labelled(*a, _fn=fn, _name=name, **kw):
+                    with record_function(_name):
+                        return _fn(*a, **kw)
+                setattr(eng, name, labelled)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            run("profiled", True, keys[:args.profile])
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+        if torch.cuda.is_available():
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     if args.json:
         Path(args.json).write_text(json.dumps(final, indent=2))
     for e in {id(e): e for e in engines.values()}.values():

@@ -205,7 +205,8 @@ def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bun
 
 def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bundle):
     """A slot's cached keys and values were computed with the weights of their time: after an in-place update (an
-    optimizer step, a weight sync) the next turn is prefilled afresh, and samples what generate samples now."""
+    optimizer step, a weight sync) the next turn is prefilled afresh, and samples what generate samples now, even
+    when another slot has been parked under the new weights since."""
     import copy
 
     from vigorl_cli.models.load import ModelBundle
@@ -219,7 +220,91 @@ def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bund
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.01)
+    other = _req(tiny_bundle, "hi", None, seed=3, max_new_tokens=4)
+    eng.submit(other, "other")  # parked under the new weights
+    _drain(eng)
     eng.submit(first, "again")
     got, _ = _drain(eng)
-    assert eng.reused_tokens == 0
+    # only the chat template's opening, which `other` (computed under the new weights) shares, is reused
+    full = eng.expand(first.prompt_ids, eng.encode_images(first.images)[1])
+    shared = next(i for i, (a, b) in enumerate(zip(full, other.prompt_ids)) if a != b)
+    assert shared >= eng.MIN_REUSE and eng.reused_tokens == shared
     assert got["again"][0].token_ids == HFEngine(bundle).generate([first])[0][0].token_ids
+
+
+def _next_turn(bundle, first, completion, img, key):
+    obs = bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
+                           "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    return GenerationRequest(first.prompt_ids + completion.token_ids + obs, first.images + [img],
+                             SamplingParams(seed=first.params.seed + 100, max_new_tokens=9),
+                             image_keys=list(first.image_keys) + [key])
+
+
+def test_next_turns_and_new_requests_share_one_prefill_forward(tiny_bundle):
+    """Three episodes' next turns (each continuing its own slot's cache, prefixes of different lengths) and a new
+    request start together: one prefill forward of four rows (left-padded, each written after its slot's prefix),
+    and every sample equals generate's for the whole prompt."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=4, cache_len=1024, max_new_cap=32)
+    firsts = [_req(tiny_bundle, q, im, seed=i + 1, max_new_tokens=m)
+              for i, (q, im, m) in enumerate([("What colour is it?", IM1, 12), ("x", IM2, 5),
+                                              ("Where is the dog in this much longer question?", IM1, 20)])]
+    for i, f in enumerate(firsts):
+        f.image_keys = [f"e{i}/full"]
+        eng.submit(f, i)
+    got, _ = _drain(eng)
+    seconds = [_next_turn(tiny_bundle, f, got[i][0], IM2 if i % 2 else IM1, f"e{i}/crop") for i, f in
+               enumerate(firsts)]
+    fresh = _req(tiny_bundle, "count the boxes", IM2, seed=9, max_new_tokens=7)
+    prefills, reused = eng.prefills, eng.reused_tokens
+    for i, r in enumerate(seconds + [fresh]):
+        eng.submit(r, ("t2", i))
+    got2, _ = _drain(eng)
+    assert eng.prefills == prefills + 1  # all four rows in one forward
+    grids = [eng.encode_images(f.images)[1] for f in firsts]
+    assert eng.reused_tokens - reused == sum(len(eng.expand(f.prompt_ids, g)) + len(got[i][0].token_ids)
+                                             for i, (f, g) in enumerate(zip(firsts, grids)))
+    gen = HFEngine(tiny_bundle, batch_size=8)
+    for i, r in enumerate(seconds + [fresh]):
+        want = gen.generate([r])[0][0]
+        assert got2[("t2", i)][0].token_ids == want.token_ids, i
+        assert torch.allclose(torch.tensor(got2[("t2", i)][0].logprobs), torch.tensor(want.logprobs), atol=1e-4)
+
+
+def test_while_slots_decode_a_lone_waiting_request_waits_to_share_a_prefill(tiny_bundle):
+    """Eight slots, twelve requests finishing at different steps: the four that wait are not prefilled one by one
+    as single slots free up (a prefill stalls every decoding slot) but in fewer, larger forwards, and none waits
+    longer than PREFILL_WAIT polls once a slot is free; samples equal generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=8, cache_len=512, max_new_cap=64)
+    assert eng.prefill_min == 2
+    reqs = [_req(tiny_bundle, "What colour is it?", IM1 if i % 2 else None, seed=i, max_new_tokens=8 * (i + 1))
+            for i in range(8)]
+    reqs += [_req(tiny_bundle, "x", IM2, seed=20 + i, max_new_tokens=6) for i in range(4)]
+    for i, r in enumerate(reqs):
+        eng.submit(r, i)
+    got, _ = _drain(eng)
+    assert eng.prefills == 3  # the first eight; then two rows once two slots are free; then the last two
+    gen = HFEngine(tiny_bundle, batch_size=12)
+    want = gen.generate(reqs)
+    for i in range(len(reqs)):
+        assert got[i][0].token_ids == want[i][0].token_ids, i
+
+
+def test_an_images_pixels_are_processed_only_when_a_prefill_needs_them(tiny_bundle, monkeypatch):
+    """A next turn names its episode's first image by key: its grid is remembered, its pixels are not processed again
+    while the slot's cache holds it; when that slot went to another request meanwhile, the fresh prefill processes
+    the image after all, and the sample still equals generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=1, cache_len=1024, max_new_cap=32)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["e/full"]
+    eng.submit(first, "t1")
+    c1 = _drain(eng)[0]["t1"][0]
+    eng.submit(_req(tiny_bundle, "Something else entirely, a longer question", IM2, seed=5, max_new_tokens=4), "x")
+    _drain(eng)  # the only slot now holds another prompt
+    seen = []
+    process = eng._process
+    monkeypatch.setattr(eng, "_process", lambda images: seen.append(len(images)) or process(images))
+    second = _next_turn(tiny_bundle, first, c1, IM2, "e/crop")
+    eng.submit(second, "t2")
+    got = _drain(eng)[0]["t2"][0]
+    assert seen == [1, 1]  # the new crop when the request was queued; the full image at its fresh prefill
+    assert got.token_ids == HFEngine(tiny_bundle).generate([second])[0][0].token_ids

@@ -19,7 +19,7 @@ drain); no repetition penalty (such requests go through ``generate``); a sequenc
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,18 +27,27 @@ import torch
 
 from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed, sample_seeds
 from vigorl_cli.engines.hf import HFEngine, sample_next
-from vigorl_cli.engines.static_decode import (_attn_implementation, capture_step, decode_attention, prompt_mask,
-                                              prompt_positions, supports, weight_addresses, weight_version)
+from vigorl_cli.engines.static_decode import (
+    _attn_implementation,
+    capture_step,
+    decode_attention,
+    prompt_positions,
+    supports,
+    weight_addresses,
+    weight_version,
+)
+from vigorl_cli.models.vision_attention import fused_attention
 
 
 class SlotCache:
     """A static KV cache whose batch rows are independent sequences (the transformers ``Cache.update`` interface).
 
-    Decode (``rows is None``): every slot's new key/value goes to that slot's own position ``pos[slot]``; attention
-    reads the whole cache (a mask says which positions each slot sees). Prefill (``rows`` set): the prompts of the
-    slots ``rows`` are written at positions ``[0, W)`` and attention reads just those keys (the slots start empty).
-    Extend (``rows`` = one slot, ``extend_at`` set): a prompt suffix is written from ``extend_at`` on and attention
-    reads the slot's whole cache (its cached prefix included)."""
+    Decode (``dst is None``): every slot's new key/value goes to that slot's own position ``pos[slot]``; attention
+    reads the whole cache (a mask says which positions each slot sees). Prefill (``rows`` and ``dst`` set): row ``b``
+    of the batch is slot ``rows[b]``, and its column ``j`` is written at cache position ``dst[b, j]``, so a slot whose
+    cache already holds an episode's earlier turns receives only the new tokens, after them; attention then reads
+    positions ``[0, read)`` of those slots (cached prefixes included). Padding columns are written to one extra
+    position past ``cache_len`` that no mask ever admits."""
 
     is_compileable = True
 
@@ -48,26 +57,26 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)  # decode: where each slot writes
         self.arange = torch.arange(slots, device=device)
-        self.rows: torch.Tensor | None = None
-        self.extend_at: int | None = None  # extend mode: one slot (rows[0]) appends at this position
+        self.rows: torch.Tensor | None = None  # prefill: [n] the slots of the batch rows
+        self.dst: torch.Tensor | None = None  # prefill: [n, W] where each column goes (cache_len = nowhere)
+        self.read = 0  # prefill: attention reads positions [0, read)
+
+    @property
+    def dump(self) -> int:
+        return self.cache_len  # the padding column: written, never attended
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.keys) <= layer_idx:  # allocated at the first prefill (dtype and heads known then)
             B, H, _, D = key_states.shape
-            shape = (self.slots, H, self.cache_len, D)
+            shape = (self.slots, H, self.cache_len + 1, D)
             self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
             self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self.rows is not None and self.extend_at is not None:  # a suffix after the slot's cached prefix
-            b, s, T = int(self.rows[0]), self.extend_at, key_states.shape[2]
-            k[b, :, s:s + T] = key_states[0]
-            v[b, :, s:s + T] = value_states[0]
-            return k[b:b + 1], v[b:b + 1]
-        if self.rows is not None:
-            W = key_states.shape[2]
-            k[self.rows, :, :W] = key_states
-            v[self.rows, :, :W] = value_states
-            return key_states, value_states
+        if self.dst is not None:
+            rows = self.rows[:, None]
+            k[rows, :, self.dst] = key_states.transpose(1, 2)  # [n, W, H, D] at (slot, position) pairs
+            v[rows, :, self.dst] = value_states.transpose(1, 2)
+            return k[self.rows, :, :self.read], v[self.rows, :, :self.read]
         k[self.arange, :, self.pos] = key_states[:, :, 0]
         v[self.arange, :, self.pos] = value_states[:, :, 0]
         return k, v
@@ -85,6 +94,8 @@ class _Row:
     prompt: list[int]  # the expanded prompt, held in cache positions [offset, offset + len(prompt))
     offset: int
     image_keys: list  # identity of the prompt's images, in order
+    version: int  # weight_version() at its prefill
+    checked: int = 0  # tokens already searched for a stop string
 
 
 @dataclass
@@ -95,6 +106,7 @@ class _Parked:
     tokens: list[int]
     offset: int
     image_keys: list
+    version: int  # the weights' in-place version (``weight_version``) its keys and values were computed with
 
 
 class HFStreamingEngine(HFEngine):
@@ -115,11 +127,14 @@ class HFStreamingEngine(HFEngine):
         self.cache_len = int(cache_len)
         self.max_new_cap = int(max_new_cap)
         self.use_graphs = use_graphs
-        self._queue: deque = deque()  # [group, request, seeds, samples already placed, prepared inputs or None]
+        self._queue: deque = deque()  # [group, request, seeds, samples placed, prepared inputs or None, poll]
         self._rows: list[_Row | None] = [None] * self.slots
         self._parked: dict[int, _Parked] = {}  # free slots whose cache may serve an episode's next turn
-        self._parked_version = -1  # the weights' in-place version when they were parked
         self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a parked prefix (tests, benchmarks)
+        self.prefills = 0  # prefill forwards so far
+        self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
+        self._polls = 0
+        self._grids: OrderedDict[str, torch.Tensor] = OrderedDict()  # image key → patch grid (see _prepare)
         self._ready: list[tuple[Any, list[Completion]]] = []
         self._n_in_flight = 0
         self._streamed = 0
@@ -144,7 +159,7 @@ class HFStreamingEngine(HFEngine):
         if p.repetition_penalty != 1.0:  # not in the slot graph: one batched generate for it, same seeds
             self._ready.append((tag, self.generate([replace(request, params=p.with_(seed=base))])[0]))
             return
-        self._queue.append([group, request, seeds, 0, None])
+        self._queue.append([group, request, seeds, 0, None, self._polls])
 
     def in_flight(self) -> int:
         return self._n_in_flight
@@ -158,6 +173,7 @@ class HFStreamingEngine(HFEngine):
 
     def poll(self) -> list[tuple[Any, list[Completion]]]:
         """Fill free slots, decode :attr:`CHECK_EVERY` steps, return the requests whose samples all finished."""
+        self._polls += 1
         if not self._ready:
             self._fill()
             if any(r is not None for r in self._rows):
@@ -172,7 +188,7 @@ class HFStreamingEngine(HFEngine):
     def _state(self, device: torch.device) -> dict[str, Any]:
         if self._st is None:
             S, L, lng = self.slots, self.cache_len, {"dtype": torch.long, "device": device}
-            mask = torch.zeros((S, 1, 1, L), dtype=torch.bool, device=device)
+            mask = torch.zeros((S, 1, 1, L + 1), dtype=torch.bool, device=device)  # + SlotCache's dump column
             mask[..., 0] = True  # an idle slot sees one position (no all-masked row)
             self._st = {"cache": SlotCache(S, L, device), "mask": mask, "tok": torch.zeros((S, 1), **lng),
                         "pos": torch.zeros((3, S, 1), **lng), "step": torch.zeros(S, **lng),
@@ -186,40 +202,60 @@ class HFStreamingEngine(HFEngine):
                         "suppress": torch.tensor(self.suppress, **lng) if self.suppress else None}
         return self._st
 
-    MIN_REUSE = 16  # shortest cached prefix worth an extension prefill
+    MIN_REUSE = 16  # shortest cached prefix worth continuing from
+    PREFILL_WAIT = 4  # polls a waiting request may wait for others to share its prefill (while other slots decode)
 
     def _fill(self) -> None:
-        """Start waiting requests: an episode's next turn whose prompt extends a parked slot's cached tokens is
-        prefilled from there (:meth:`_extend`); the others go into free slots in one left-padded prefill."""
+        """Start waiting requests in free slots, all in **one** prefill forward: an episode's next turn whose prompt
+        extends a parked slot's cached tokens goes into that slot and only its new tokens are prefilled; the others
+        take fresh slots (unparked ones first). While other slots decode, a prefill waits until a quarter of the
+        slots can start or the oldest waiting request has waited :attr:`PREFILL_WAIT` polls: a prefill forward
+        stalls every decoding slot, and one of many rows costs little more than one of a single row."""
         if not self._queue:
-            self._parked.clear()
             return
-        if all(r is None for r in self._rows):
+        busy = sum(r is not None for r in self._rows)
+        if busy == 0:
             self._params = None  # drained: the next request may bring other sampling settings
-        if self._parked and weight_version(self.model) != self._parked_version:
-            self._parked.clear()  # the weights changed (an update): cached keys and values are stale
-        if self._parked:
-            for entry in list(self._queue):
-                if self._parked and entry[3] == 0 and len(entry[2]) == 1 and self._compatible(entry[1]):
-                    if self._extend(entry):
-                        self._queue.remove(entry)
-            self._parked.clear()  # not continued now: plain free slots
         free = [i for i, r in enumerate(self._rows) if r is None]
-        batch: list[tuple[int, dict, GenerationRequest, int, int, Any]] = []  # (slot, group, req, sample, seed, prep)
-        while self._queue and len(batch) < len(free):
+        waiting = sum(len(e[2]) - e[3] for e in self._queue)
+        if busy and min(waiting, len(free)) < self.prefill_min and \
+                self._polls - self._queue[0][5] < self.PREFILL_WAIT:
+            return
+        if self._parked:  # parked under other weights (an update since): their keys and values are stale
+            now = weight_version(self.model)
+            for slot in [i for i, pk in self._parked.items() if pk.version != now]:
+                del self._parked[slot]
+        items: list[tuple] = []  # (slot, group, request, sample, seed, prepared, reused prefix, slot offset)
+        for entry in list(self._queue):
+            if not self._parked:
+                break
+            if entry[3] == 0 and len(entry[2]) == 1 and self._compatible(entry[1]):
+                hit = self._continuation(entry)
+                if hit is not None:
+                    slot, lcp, offset = hit
+                    items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp, offset))
+                    entry[3] = 1
+                    self._queue.remove(entry)
+        taken = {it[0] for it in items}
+        free = ([i for i in free if i not in taken and i not in self._parked]
+                + [i for i in self._parked if i not in taken])  # parked slots last: their episode may come back
+        used = 0
+        while self._queue and used < len(free):
             entry = self._queue[0]
-            group, req, seeds, start, _ = entry
+            group, req, seeds, start = entry[:4]
             if not self._compatible(req):
                 break  # other sampling settings: wait until the slots drain
             prep = self._prepare(entry)
-            take = min(len(seeds) - start, len(free) - len(batch))  # a request's n samples may span fills
+            take = min(len(seeds) - start, len(free) - used)  # a request's n samples may span fills
             for k in range(start, start + take):
-                batch.append((free[len(batch)], group, req, k, seeds[k], prep))
+                items.append((free[used], group, req, k, seeds[k], prep, 0, 0))
+                self._parked.pop(free[used], None)
+                used += 1
             entry[3] = start + take
             if entry[3] == len(seeds):
                 self._queue.popleft()
-        if batch:
-            self._prefill(batch)
+        if items:
+            self._prefill(items)
 
     def _compatible(self, req: GenerationRequest) -> bool:
         """Whether ``req`` can run beside the slots' current sampling settings (which it sets when there are none)."""
@@ -229,77 +265,150 @@ class HFStreamingEngine(HFEngine):
             self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
         return core == self._params_core
 
+    GRID_CACHE = 4096  # string image keys whose patch grid is remembered
+
     def _prepare(self, entry) -> tuple:
-        """``(ids, pixel_values, grid, image_keys)`` of a queued request (processed once), or an exception."""
+        """``(ids, pixels, grid, image_keys)`` of a queued request (computed once), or an exception. ``pixels[j]`` is
+        image ``j``'s processed pixels, or None for an image named by a string key whose grid an earlier request
+        already gave: an episode's earlier images, usually in the slot's cache and then never processed again
+        (:meth:`_pixels` processes them if a fresh prefill needs them after all)."""
         if entry[4] is None:
             req = entry[1]
             try:
-                pv, grid = self.encode_images(req.images) if req.images else (None, None)
-                ids = self.expand(req.prompt_ids, grid)
                 keys = [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
                         for j, img in enumerate(req.images)]
-                entry[4] = (ids, pv, grid, keys)
+                pixels: list[torch.Tensor | None] = [None] * len(keys)
+                todo = [j for j, k in enumerate(keys) if not (isinstance(k, str) and k in self._grids)]
+                fresh = dict(zip(todo, self._process([req.images[j] for j in todo])))
+                rows = []
+                for j, k in enumerate(keys):
+                    if j in fresh:
+                        pixels[j], g = fresh[j]
+                        if isinstance(k, str):
+                            self._grids[k] = g
+                            while len(self._grids) > self.GRID_CACHE:
+                                self._grids.popitem(last=False)
+                    else:
+                        g = self._grids[k]
+                    rows.append(g)
+                grid = torch.stack(rows) if rows else None
+                entry[4] = (self.expand(req.prompt_ids, grid), pixels, grid, keys)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 entry[4] = e
         return entry[4]
 
+    def _process(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(pixels, grid row)`` per image, processed in one call."""
+        if not images:
+            return []
+        pv, grid = self.encode_images(images)
+        sizes = grid.prod(-1).tolist()
+        return list(zip(torch.split(pv, sizes), grid))
+
+    def _continuation(self, entry) -> tuple[int, int, int] | None:
+        """``(slot, reused tokens, slot offset)`` of the parked slot holding the longest prefix of ``entry``'s prompt
+        (same tokens, same images); the slot is unparked. None when none fits."""
+        prep = self._prepare(entry)
+        if isinstance(prep, Exception):
+            return None
+        ids, _, grid, keys = prep
+        max_new = min(int(entry[1].params.max_new_tokens), self.max_new_cap)
+        best = None
+        for slot, pk in self._parked.items():
+            n = self._reusable(ids, grid, keys, pk)
+            if n >= self.MIN_REUSE and pk.offset + len(ids) + max_new <= self.cache_len and (
+                    best is None or n > best[1]):
+                best = (slot, n)
+        if best is None:
+            return None
+        return best[0], best[1], self._parked.pop(best[0]).offset
+
     @torch.no_grad()
-    def _prefill(self, batch) -> None:
+    def _prefill(self, items) -> None:
+        """One forward for every starting row: row ``b`` (slot ``rows[b]``) feeds the tokens of its prompt after the
+        ``lcp`` its slot already holds, left-padded so that every row's last token is the last column; its keys and
+        values go to cache positions ``offset + lcp ..`` (:class:`SlotCache`), and its queries see the slot's
+        positions from ``offset`` on, causally. M-RoPE positions come from the model's ``get_rope_index`` over each
+        row's whole prompt (images of the cached prefix included); the vision tower sees only the new images."""
+        from vigorl_cli.models.load import mm_token_type_ids
+
         device = self.model.device
         st = self._state(device)
         todo = []
-        for slot, group, req, k, seed, prep in batch:
+        for slot, group, req, k, seed, prep, lcp, offset in items:
             if isinstance(prep, Exception):
                 self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
                 continue
-            ids, pv, grid, keys = prep
+            ids = prep[0]
             max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
-            if len(ids) + max_new > self.cache_len:
+            if offset + len(ids) + max_new > self.cache_len:
                 self._finish_row(group, k, Completion([], "", [], "error", None,
                                                       f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
                                                       f"the cache length {self.cache_len}"))
                 continue
-            todo.append((slot, group, req, k, seed, ids, pv, grid, max_new, keys))
+            todo.append((slot, group, req, k, seed, prep, lcp, offset, max_new))
         if not todo:
             return
-        from vigorl_cli.models.load import mm_token_type_ids
-
-        W = max(len(t[5]) for t in todo)
-        input_ids = torch.full((len(todo), W), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(input_ids)
-        for i, t in enumerate(todo):
-            input_ids[i, W - len(t[5]):] = torch.tensor(t[5])
-            attn[i, W - len(t[5]):] = 1
-        pix = [t[6] for t in todo if t[6] is not None]
-        grids = [t[7] for t in todo if t[7] is not None]
-        input_ids, attn = input_ids.to(device), attn.to(device)
-        mm = mm_token_type_ids(input_ids, self.model.config).to(device)
+        n = len(todo)
+        lens = [len(t[5][0]) for t in todo]
+        news = [ln - t[6] for ln, t in zip(lens, todo)]  # tokens to feed per row
+        Wf, W = max(lens), max(news)
+        full = torch.full((n, Wf), self.pad_id, dtype=torch.long)
+        fvalid = torch.zeros((n, Wf), dtype=torch.bool)
+        dst = torch.full((n, W), st["cache"].dump, dtype=torch.long)
+        lo = torch.tensor([t[7] for t in todo], dtype=torch.long)
+        new_images: list[tuple[int, int]] = []  # (row, image) to encode: those after the slot's cached prefix
+        grids_all = []
+        for b, t in enumerate(todo):
+            ids, _, grid, _ = t[5]
+            lcp, offset = t[6], t[7]
+            full[b, Wf - lens[b]:] = torch.tensor(ids, dtype=torch.long)
+            fvalid[b, Wf - lens[b]:] = True
+            dst[b, W - news[b]:] = torch.arange(offset + lcp, offset + lens[b])
+            if grid is not None:
+                grids_all.append(grid)
+                new_images += [(b, j) for j in range(self._images_in(ids, lcp), grid.shape[0])]
+        missing = [(b, j) for b, j in new_images if todo[b][5][1][j] is None]  # not processed yet (see _prepare)
+        for (b, j), (pv, _) in zip(missing, self._process([todo[b][2].images[j] for b, j in missing])):
+            todo[b][5][1][j] = pv
+        pix = [todo[b][5][1][j] for b, j in new_images]
+        grids_new = [todo[b][5][2][j:j + 1] for b, j in new_images]
+        feed = full[:, Wf - W:].clone()
+        feed[dst == st["cache"].dump] = self.pad_id  # what the slot already holds is not fed again
+        full, fvalid, feed, dst, lo = (x.to(device) for x in (full, fvalid, feed, dst, lo))
+        pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config).to(device),
+                               torch.cat(grids_all).to(device) if grids_all else None)  # [3, n, Wf]
+        last_pos = pos.masked_fill(~fvalid[None], -1).amax(dim=2).amax(dim=0)
+        read = max(t[7] + ln for t, ln in zip(todo, lens))
+        qpos = torch.where(dst == st["cache"].dump, lo[:, None], dst)  # a padding query sees the slot's first key
+        kv = torch.arange(read, device=device)
+        see = (kv[None, None] >= lo[:, None, None]) & (kv[None, None] <= qpos[:, :, None])  # [n, W, read]
         extra = {}
         if pix:
             extra = {"pixel_values": torch.cat(pix).to(device, dtype=self.model.dtype),
-                     "image_grid_thw": torch.cat(grids).to(device)}
-        pos = prompt_positions(self.model, input_ids, attn, mm, extra.get("image_grid_thw"))  # [3, n, W]
-        valid = attn.bool()
-        see = prompt_mask(valid)
+                     "image_grid_thw": torch.cat(grids_new).to(device)}
         rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
         cache = st["cache"]
-        cache.rows = rows
-        try:
-            with self._autocast():
-                out = self.model(input_ids=input_ids, attention_mask=see[:, None], position_ids=pos,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1, mm_token_type_ids=mm,
-                                 **extra)
+        cache.rows, cache.dst, cache.read = rows, dst, read
+        try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
+            with self._autocast(), fused_attention(device):
+                out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos[:, :, Wf - W:],
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                 mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device), **extra)
         finally:
-            cache.rows = None
-        m = torch.zeros((len(todo), self.cache_len), dtype=torch.bool, device=device)
-        m[:, :W] = valid
-        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo],
-                    pos.amax(dim=2).amax(dim=0), W, m)
+            cache.rows, cache.dst, cache.read = None, None, 0
+        ends = torch.tensor([t[7] + ln for t, ln in zip(todo, lens)], dtype=torch.long, device=device)
+        cols = torch.arange(self.cache_len + 1, device=device)[None]
+        seen = (cols >= lo[:, None]) & (cols < ends[:, None])
+        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo], last_pos, ends, seen)
+        version = weight_version(self.model)
         for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5], W - len(t[5]), t[9])
+            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5][0], t[7], t[5][3], version)
+        self.reused_tokens += sum(t[6] for t in todo)
+        self.prefills += 1
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
-               last_pos: torch.Tensor, cur: int | torch.Tensor, mask_rows: torch.Tensor) -> None:
+               last_pos: torch.Tensor, cur: torch.Tensor, mask_rows: torch.Tensor) -> None:
         """Sample the first token of freshly prefilled slots and set their decode state."""
         st = self._st
         device = rows.device
@@ -316,63 +425,6 @@ class HFStreamingEngine(HFEngine):
         st["pos"][:, rows, 0] = last_pos[None, :].expand(3, -1) + 1
         st["cache"].pos[rows] = cur
         st["mask"][rows, 0, 0] = mask_rows
-
-    @torch.no_grad()
-    def _extend(self, entry) -> bool:
-        """Prefill ``entry``'s request from the end of the longest parked prefix it extends (same tokens, same
-        images); False when none fits (the request then takes a fresh prefill)."""
-        group, req, seeds = entry[0], entry[1], entry[2]
-        prep = self._prepare(entry)
-        if isinstance(prep, Exception):
-            return False
-        ids, pv, grid, keys = prep
-        max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
-        best = None
-        for slot, pk in self._parked.items():
-            n = self._reusable(ids, grid, keys, pk)
-            if n >= self.MIN_REUSE and pk.offset + len(ids) + max_new <= self.cache_len and (
-                    best is None or n > best[1]):
-                best = (slot, n)
-        if best is None:
-            return False
-        slot, lcp = best
-        pk = self._parked.pop(slot)
-        from vigorl_cli.models.load import mm_token_type_ids
-
-        device = self.model.device
-        st = self._state(device)
-        k_img = self._images_in(ids, lcp)  # images wholly inside the reused prefix
-        full = torch.tensor([ids], dtype=torch.long, device=device)
-        ones = torch.ones_like(full)
-        grid_d = grid.to(device) if grid is not None else None
-        pos = prompt_positions(self.model, full, ones, mm_token_type_ids(full, self.model.config).to(device), grid_d)
-        suffix = full[:, lcp:]
-        T, s0 = len(ids), pk.offset + lcp
-        extra = {}
-        if grid is not None and k_img < grid.shape[0]:
-            per = grid.prod(-1).tolist()
-            extra = {"pixel_values": pv[sum(per[:k_img]):].to(device, dtype=self.model.dtype),
-                     "image_grid_thw": grid_d[k_img:]}
-        q = torch.arange(s0, pk.offset + T, device=device)[:, None]  # absolute positions of the suffix queries
-        kv = torch.arange(self.cache_len, device=device)[None, :]
-        see = ((kv >= pk.offset) & (kv <= q))[None, None]  # [1, 1, Ts, L]: the cached prefix + causal suffix
-        cache = st["cache"]
-        rows = torch.tensor([slot], dtype=torch.long, device=device)
-        cache.rows, cache.extend_at = rows, s0
-        try:
-            with self._autocast():
-                out = self.model(input_ids=suffix, attention_mask=see, position_ids=pos[:, :, lcp:],
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                 mm_token_type_ids=mm_token_type_ids(suffix, self.model.config).to(device), **extra)
-        finally:
-            cache.rows, cache.extend_at = None, None
-        m = torch.zeros((1, self.cache_len), dtype=torch.bool, device=device)
-        m[0, pk.offset:pk.offset + T] = True
-        self._start(rows, out.logits[:, -1], seeds[:1], [max_new], pos.amax(dim=2).amax(dim=0), pk.offset + T, m)
-        self._rows[slot] = _Row(group, 0, max_new, req.params, ids, pk.offset, keys)
-        entry[3] = 1
-        self.reused_tokens += lcp
-        return True
 
     def _image_runs(self, ids: list[int]) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's placeholder run in expanded ``ids``."""
@@ -463,21 +515,23 @@ class HFStreamingEngine(HFEngine):
         done = st["done"].tolist()
         steps = st["step"].tolist()
         active = [i for i, r in enumerate(self._rows) if r is not None]
-        toks = st["out_tok"][active].tolist() if active else []
-        lps = st["out_lp"][active].tolist() if active else []
+        width = max((steps[i] for i in active), default=0) + 1  # columns written so far (not the whole buffer)
+        toks = st["out_tok"][active, :width].tolist() if active else []
+        lps = st["out_lp"][active, :width].tolist() if active else []
         for j, slot in enumerate(active):
             row = self._rows[slot]
             n = min(steps[slot] + 1, row.max_new)
             tokens = toks[j][:n]
-            if not done[slot] and not (row.params.stop and self._cut(tokens, row.params) is not None):
+            if not done[slot] and not (row.params.stop and self._cut(tokens, row.params,
+                                                                      max(0, row.checked - 1)) is not None):
+                row.checked = len(tokens)  # a stop string may end in the next token: rescan from the last one
                 continue
             comp = self._finish(tokens, lps[j][:n], row.params)
             self._rows[slot] = None
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
             fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - row.offset - len(row.prompt))]
-            self._parked[slot] = _Parked(row.prompt + fed, row.offset, row.image_keys)
-            self._parked_version = weight_version(self.model)
+            self._parked[slot] = _Parked(row.prompt + fed, row.offset, row.image_keys, row.version)
             self._finish_row(row.group, row.index, comp)
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:

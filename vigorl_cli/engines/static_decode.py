@@ -296,7 +296,9 @@ class StaticDecoder:
         st.width.fill_(W)
         st.out_tok.zero_()
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        with autocast:
+        from vigorl_cli.models.vision_attention import fused_attention
+
+        with autocast, fused_attention(device):  # prompt widths vary: no per-shape cuDNN planning
             out = self.model(input_ids=input_ids, attention_mask=self._as_mask(pre, dtype), position_ids=pos,
                              past_key_values=st.cache, use_cache=True, logits_to_keep=1,
                              mm_token_type_ids=inputs["mm_token_type_ids"], **extra)

@@ -140,6 +140,14 @@ def batched_attention(q, k, v, cu_seqlens, scale: float, dropout_p: float = 0.0,
     return out if p.slot is None else out.index_select(0, p.slot)
 
 
+def fused_attention(device: Any):
+    """On CUDA, a context in which sdpa never picks cuDNN attention (see :func:`_fused_backends`); else nothing.
+    For forwards whose attention shapes change call by call (prefills of a continuous batch)."""
+    if getattr(device, "type", device) != "cuda":
+        return contextlib.nullcontext()
+    return _fused_backends()
+
+
 def _fused_backends():
     """sdpa restricted to the flash and memory-efficient kernels (math as the last resort).
 
