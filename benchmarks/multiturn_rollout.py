@@ -126,13 +126,22 @@ class ScriptedToolUse:
         return self.engine.in_flight()
 
 
-def make_plan(keys: list[tuple[str, int]], max_calls: int, min_tokens: int, max_tokens: int, seed: int) -> dict:
-    """``(calls, per-turn lengths)`` per episode, seeded."""
+def make_plan(keys: list[tuple[str, int]], max_calls: int, min_tokens: int, max_tokens: int, seed: int,
+              long_tail: float = 0.0) -> dict:
+    """``(calls, per-turn lengths)`` per episode, seeded. Lengths are uniform in [min, max]; with ``long_tail = p``
+    a turn instead runs to ``max_tokens`` with probability p and is otherwise uniform in [min, max / 4] (sampled RL
+    rollouts: most turns short, a few running to the limit)."""
     rng = random.Random(seed)
     plan = {}
+
+    def length() -> int:
+        if not long_tail:
+            return rng.randint(min_tokens, max_tokens)
+        return max_tokens if rng.random() < long_tail else rng.randint(min_tokens, max(min_tokens, max_tokens // 4))
+
     for k in keys:
         calls = rng.randint(0, max_calls)
-        plan[k] = (calls, [rng.randint(min_tokens, max_tokens) for _ in range(calls + 1)])
+        plan[k] = (calls, [length() for _ in range(calls + 1)])
     return plan
 
 
@@ -187,6 +196,9 @@ def main() -> None:
     ap.add_argument("--max-calls", type=int, default=3, help="zoom calls per episode: uniform in 0..N (N <= 3)")
     ap.add_argument("--min-tokens", type=int, default=32, help="sampled tokens per turn: uniform in [min, max]")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--long-tail", type=float, default=0.0, metavar="P",
+                    help="a turn runs to --max-tokens with probability P, else uniform in [min, max/4] "
+                         "(default 0: uniform in [min, max])")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="image budget of the full image and each crop (default 504x504; --tiny: 112x112)")
     ap.add_argument("--max-model-len", type=int, default=8192)
@@ -269,7 +281,7 @@ def main() -> None:
         original, frame, img = load_for_model(s.image_paths(root)[0], processor)
         shown[s.id] = (original, frame, img)
     keys = [(s.id, k) for s in samples for k in range(args.group)][:args.episodes]
-    plan = make_plan(keys, args.max_calls, args.min_tokens, args.max_tokens, args.seed)
+    plan = make_plan(keys, args.max_calls, args.min_tokens, args.max_tokens, args.seed, args.long_tail)
     cfg = EpisodeConfig(sampling=SamplingParams(temperature=1.0, max_new_tokens=args.max_tokens), multiturn=True,
                         zoom=ZoomTool(offset=182, crop_size=672, draw_dot=False), max_turns=5, max_images=5,
                         max_response_tokens=args.max_model_len, observation_style="rl")
@@ -331,7 +343,7 @@ def main() -> None:
     final = {"benchmark": "multiturn_rollout", "model": sync["model"], "device": dev, "engine": args.engine,
              "vllm": version,
              "settings": {k: getattr(args, k) for k in ("episodes", "group", "max_calls", "min_tokens", "max_tokens",
-                                                        "max_pixels", "max_model_len", "max_num_seqs", "seed",
+                                                        "long_tail", "max_pixels", "max_model_len", "max_num_seqs", "seed",
                                                         "slots")},
              "identical_fraction": round(same / max(1, len(eps_sync)), 3),
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
