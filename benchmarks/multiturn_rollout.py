@@ -207,6 +207,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     ap.add_argument("--slots", type=int, default=32, help="hf: rows per batched call / continuous-batching slots")
+    ap.add_argument("--read-bucket", type=int, default=None,
+                    help="hf continuous batching: HFStreamingEngine.READ_BUCKET (0: decode reads the whole cache)")
     ap.add_argument("--phases", action="store_true",
                     help="hf: time the engines' phases (prefill, decode, host checks; a device sync at each end)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -267,6 +269,8 @@ def main() -> None:
         engines = {False: HFEngine(bundle, batch_size=args.slots, seed=args.seed, static_cache=True),
                    True: HFStreamingEngine(bundle, batch_size=args.slots, seed=args.seed,
                                            cache_len=args.max_model_len, max_new_cap=args.max_tokens)}
+        if args.read_bucket is not None:
+            engines[True].READ_BUCKET = args.read_bucket
         version = None
         if args.phases:
             for e in engines.values():

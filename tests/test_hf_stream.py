@@ -308,3 +308,25 @@ def test_an_images_pixels_are_processed_only_when_a_prefill_needs_them(tiny_bund
     got = _drain(eng)[0]["t2"][0]
     assert seen == [1, 1]  # the new crop when the request was queued; the full image at its fresh prefill
     assert got.token_ids == HFEngine(tiny_bundle).generate([second])[0][0].token_ids
+
+
+def test_decode_reads_grow_with_the_sequences_and_sample_the_same(tiny_bundle):
+    """Decode attention reads the cache only up to a bucket past the longest busy slot (one graph per width on a
+    GPU): with 8-position buckets the width changes between the host checks, and the samples equal
+    generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=40)
+    eng.READ_BUCKET = 8
+    widths = []
+    read_width = eng._read_width
+    eng._read_width = lambda n: widths.append(read_width(n)) or widths[-1]
+    reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=40),
+            _req(tiny_bundle, "hello there", None, seed=5, max_new_tokens=33),
+            _req(tiny_bundle, "x", IM2, seed=3, max_new_tokens=20)]
+    for i, r in enumerate(reqs):
+        eng.submit(r, i)
+    got, _ = _drain(eng)
+    assert len(set(widths)) >= 3 and max(widths) < 512 and all(w % 8 == 0 for w in widths)
+    for i, r in enumerate(reqs):
+        want = HFEngine(tiny_bundle).generate([r])[0][0]
+        assert got[i][0].token_ids == want.token_ids, i
+        assert torch.allclose(torch.tensor(got[i][0].logprobs), torch.tensor(want.logprobs), atol=1e-5)

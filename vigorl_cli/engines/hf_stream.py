@@ -60,6 +60,7 @@ class SlotCache:
         self.rows: torch.Tensor | None = None  # prefill: [n] the slots of the batch rows
         self.dst: torch.Tensor | None = None  # prefill: [n, W] where each column goes (cache_len = nowhere)
         self.read = 0  # prefill: attention reads positions [0, read)
+        self.width = cache_len + 1  # decode: attention reads positions [0, width)
 
     @property
     def dump(self) -> int:
@@ -79,7 +80,7 @@ class SlotCache:
             return k[self.rows, :, :self.read], v[self.rows, :, :self.read]
         k[self.arange, :, self.pos] = key_states[:, :, 0]
         v[self.arange, :, self.pos] = value_states[:, :, 0]
-        return k, v
+        return k[:, :, :self.width], v[:, :, :self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
@@ -96,6 +97,7 @@ class _Row:
     image_keys: list  # identity of the prompt's images, in order
     version: int  # weight_version() at its prefill
     checked: int = 0  # tokens already searched for a stop string
+    steps: int = 0  # decode steps taken, as of the last host check
 
 
 @dataclass
@@ -141,8 +143,8 @@ class HFStreamingEngine(HFEngine):
         self._params = None  # the sampling settings the slots run now
         self._params_core: tuple = ()
         self._st: dict[str, Any] | None = None
-        self._graph = None
-        self._graph_weights: tuple = ()  # parameter addresses the graph was captured with
+        self._graphs: dict[int, Any] = {}  # read width → captured decode step
+        self._graph_weights: tuple = ()  # parameter addresses the graphs were captured with
         self._eager_steps = 0
         self.captures = 0
         self.capture_error: str | None = None
@@ -262,7 +264,7 @@ class HFStreamingEngine(HFEngine):
         core = (req.params.temperature, req.params.top_p, req.params.top_k)
         if self._params is None:
             self._params, self._params_core = req.params, core
-            self._graph, self._eager_steps = None, 0  # sampling settings are part of the graph
+            self._graphs, self._eager_steps = {}, 0  # sampling settings are part of the graphs
         return core == self._params_core
 
     GRID_CACHE = 4096  # string image keys whose patch grid is remembered
@@ -478,22 +480,37 @@ class HFStreamingEngine(HFEngine):
         st["pos"].add_(1)
         cache.pos.add_(1).clamp_(max=self.cache_len - 1)
 
+    READ_BUCKET = 512  # decode attention reads the cache up to a multiple of this (0: always the whole cache)
+
+    def _read_width(self, n: int) -> int:
+        """How many cache positions the next ``n`` decode steps must attend to: past every busy slot's position
+        after them, rounded up to :attr:`READ_BUCKET` (one captured graph per width). Slots without a request write
+        beyond it harmlessly (what they attend to is never used)."""
+        full = self.cache_len + 1
+        if not self.READ_BUCKET:
+            return full
+        need = max((r.offset + len(r.prompt) + r.steps for r in self._rows if r is not None), default=0) + n + 1
+        return min(full, -(-need // self.READ_BUCKET) * self.READ_BUCKET)
+
     @torch.no_grad()
     def _advance(self, n: int) -> None:
         device = self.model.device
         graphs = device.type == "cuda" and self.use_graphs is not False
-        if self._graph is not None and self._graph_weights != weight_addresses(self.model):  # moved: capture again
-            self._graph, self._eager_steps = None, 0
+        if self._graphs and self._graph_weights != weight_addresses(self.model):  # moved: capture again
+            self._graphs, self._eager_steps = {}, 0
+        width = self._read_width(n)
+        self._st["cache"].width = width
         with decode_attention(self.model):
             k = 0
             while k < n:
-                if graphs and self._graph is not None:
-                    self._graph.replay()
+                if graphs and width in self._graphs:
+                    self._graphs[width].replay()
                 elif graphs and self._eager_steps >= self.WARMUP_STEPS:
-                    self._graph, err = capture_step(self._step, self._autocast())
-                    if self._graph is None:
+                    graph, err = capture_step(self._step, self._autocast())
+                    if graph is None:
                         self.capture_error, self.use_graphs, graphs = err, False, False
                     else:
+                        self._graphs[width] = graph
                         self.captures += 1
                         self._graph_weights = weight_addresses(self.model)
                     continue
@@ -520,6 +537,7 @@ class HFStreamingEngine(HFEngine):
         lps = st["out_lp"][active, :width].tolist() if active else []
         for j, slot in enumerate(active):
             row = self._rows[slot]
+            row.steps = steps[slot]
             n = min(steps[slot] + 1, row.max_new)
             tokens = toks[j][:n]
             if not done[slot] and not (row.params.stop and self._cut(tokens, row.params,
