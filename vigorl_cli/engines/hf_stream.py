@@ -3,11 +3,15 @@
 :class:`HFStreamingEngine` is the HF engine plus the :class:`~vigorl_cli.engines.base.StreamingEngine` protocol
 (``submit`` / ``poll`` / ``in_flight``): a fixed number of batch **slots** share one static KV cache in which every
 slot has its own sequence and its own write position (:class:`SlotCache`). A submitted request waits for a free slot;
-free slots are filled by one left-padded prefill of the waiting requests; then all slots decode together, one CUDA
-graph per step on a GPU (forward, seeded sampling, recording), exactly as :mod:`~vigorl_cli.engines.static_decode`
-does for a batch, except that positions, cache slots, sampling counters and token limits are per slot. Every
-:attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token limit) and
-refills them, so an episode's next turn starts while the other episodes' turns are still decoding.
+all requests that start together are prefilled in one forward (an episode's next turn into the slot whose cache
+still holds its earlier turns, feeding only the new tokens; others into fresh slots); then all slots decode
+together, one CUDA graph per step on a GPU (forward, seeded sampling, recording), as
+:mod:`~vigorl_cli.engines.static_decode` does for a batch, except that positions, cache slots, sampling counters and
+token limits are per slot, and attention reads the cache only up to a bucket past the longest busy slot (a graph per
+width). Every :attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token
+limit) and refills them, so an episode's next turn starts while the other episodes' turns are still decoding. A
+prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of the slots
+can start (or the oldest has waited :attr:`~HFStreamingEngine.PREFILL_WAIT` polls).
 
 Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
 function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
