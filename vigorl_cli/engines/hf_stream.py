@@ -381,10 +381,11 @@ class HFStreamingEngine(HFEngine):
         grids_new = [todo[b][5][2][j:j + 1] for b, j in new_images]
         feed = full[:, Wf - W:].clone()
         feed[dst == st["cache"].dump] = self.pad_id  # what the slot already holds is not fed again
-        full, fvalid, feed, dst, lo = (x.to(device) for x in (full, fvalid, feed, dst, lo))
-        pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config).to(device),
-                               torch.cat(grids_all).to(device) if grids_all else None)  # [3, n, Wf]
+        # positions on the host: get_rope_index walks rows and images in Python, a device sync per step on a GPU
+        pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config),
+                               torch.cat(grids_all) if grids_all else None)  # [3, n, Wf]
         last_pos = pos.masked_fill(~fvalid[None], -1).amax(dim=2).amax(dim=0)
+        pos, last_pos, feed, dst, lo = (x.to(device) for x in (pos[:, :, Wf - W:], last_pos, feed, dst, lo))
         read = max(t[7] + ln for t, ln in zip(todo, lens))
         qpos = torch.where(dst == st["cache"].dump, lo[:, None], dst)  # a padding query sees the slot's first key
         kv = torch.arange(read, device=device)
@@ -398,7 +399,7 @@ class HFStreamingEngine(HFEngine):
         cache.rows, cache.dst, cache.read = rows, dst, read
         try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
             with self._autocast(), fused_attention(device):
-                out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos[:, :, Wf - W:],
+                out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1,
                                  mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device), **extra)
         finally:
