@@ -72,7 +72,7 @@ class SlotCache:
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.keys) <= layer_idx:  # allocated at the first prefill (dtype and heads known then)
-            B, H, _, D = key_states.shape
+            _, H, _, D = key_states.shape
             shape = (self.slots, H, self.cache_len + 1, D)
             self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
             self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
@@ -102,6 +102,21 @@ class _Row:
     version: int  # weight_version() at its prefill
     checked: int = 0  # tokens already searched for a stop string
     steps: int = 0  # decode steps taken, as of the last host check
+
+
+@dataclass
+class _Prepared:
+    """A queued request, ready to prefill: computed once (:meth:`HFStreamingEngine._prepare`)."""
+
+    ids: list[int]  # the prompt, image placeholders expanded
+    pixels: list  # per image its processed pixels, or None while not needed (see _prepare)
+    grid: Any  # [images, 3] patch grids, or None
+    keys: list  # identity of each image
+    runs: list[tuple[int, int]]  # [start, end) of each image's placeholders in ids
+
+    def images_in(self, n: int) -> int:
+        """Images wholly inside the first ``n`` tokens."""
+        return sum(1 for _, end in self.runs if end <= n)
 
 
 @dataclass
@@ -273,8 +288,8 @@ class HFStreamingEngine(HFEngine):
 
     GRID_CACHE = 4096  # string image keys whose patch grid is remembered
 
-    def _prepare(self, entry) -> tuple:
-        """``(ids, pixels, grid, image_keys)`` of a queued request (computed once), or an exception. ``pixels[j]`` is
+    def _prepare(self, entry) -> _Prepared | Exception:
+        """A queued request's :class:`_Prepared` inputs (computed once), or an exception. ``pixels[j]`` is
         image ``j``'s processed pixels, or None for an image named by a string key whose grid an earlier request
         already gave: an episode's earlier images, usually in the slot's cache and then never processed again
         (:meth:`_pixels` processes them if a fresh prefill needs them after all)."""
@@ -298,7 +313,8 @@ class HFStreamingEngine(HFEngine):
                         g = self._grids[k]
                     rows.append(g)
                 grid = torch.stack(rows) if rows else None
-                entry[4] = (self.expand(req.prompt_ids, grid), pixels, grid, keys)
+                ids = self.expand(req.prompt_ids, grid)
+                entry[4] = _Prepared(ids, pixels, grid, keys, self._image_runs(ids))
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 entry[4] = e
         return entry[4]
@@ -317,12 +333,11 @@ class HFStreamingEngine(HFEngine):
         prep = self._prepare(entry)
         if isinstance(prep, Exception):
             return None
-        ids, _, grid, keys = prep
         max_new = min(int(entry[1].params.max_new_tokens), self.max_new_cap)
         best = None
         for slot, pk in self._parked.items():
-            n = self._reusable(ids, grid, keys, pk)
-            if n >= self.MIN_REUSE and pk.offset + len(ids) + max_new <= self.cache_len and (
+            n = self._reusable(prep, pk)
+            if n >= self.MIN_REUSE and pk.offset + len(prep.ids) + max_new <= self.cache_len and (
                     best is None or n > best[1]):
                 best = (slot, n)
         if best is None:
@@ -345,7 +360,7 @@ class HFStreamingEngine(HFEngine):
             if isinstance(prep, Exception):
                 self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
                 continue
-            ids = prep[0]
+            ids = prep.ids
             max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
             if offset + len(ids) + max_new > self.cache_len:
                 self._finish_row(group, k, Completion([], "", [], "error", None,
@@ -356,7 +371,7 @@ class HFStreamingEngine(HFEngine):
         if not todo:
             return
         n = len(todo)
-        lens = [len(t[5][0]) for t in todo]
+        lens = [len(t[5].ids) for t in todo]
         news = [ln - t[6] for ln, t in zip(lens, todo)]  # tokens to feed per row
         Wf, W = max(lens), max(news)
         full = torch.full((n, Wf), self.pad_id, dtype=torch.long)
@@ -366,19 +381,19 @@ class HFStreamingEngine(HFEngine):
         new_images: list[tuple[int, int]] = []  # (row, image) to encode: those after the slot's cached prefix
         grids_all = []
         for b, t in enumerate(todo):
-            ids, _, grid, _ = t[5]
+            ids, grid = t[5].ids, t[5].grid
             lcp, offset = t[6], t[7]
             full[b, Wf - lens[b]:] = torch.tensor(ids, dtype=torch.long)
             fvalid[b, Wf - lens[b]:] = True
             dst[b, W - news[b]:] = torch.arange(offset + lcp, offset + lens[b])
             if grid is not None:
                 grids_all.append(grid)
-                new_images += [(b, j) for j in range(self._images_in(ids, lcp), grid.shape[0])]
-        missing = [(b, j) for b, j in new_images if todo[b][5][1][j] is None]  # not processed yet (see _prepare)
+                new_images += [(b, j) for j in range(t[5].images_in(lcp), grid.shape[0])]
+        missing = [(b, j) for b, j in new_images if todo[b][5].pixels[j] is None]  # not processed yet (_prepare)
         for (b, j), (pv, _) in zip(missing, self._process([todo[b][2].images[j] for b, j in missing])):
-            todo[b][5][1][j] = pv
-        pix = [todo[b][5][1][j] for b, j in new_images]
-        grids_new = [todo[b][5][2][j:j + 1] for b, j in new_images]
+            todo[b][5].pixels[j] = pv
+        pix = [todo[b][5].pixels[j] for b, j in new_images]
+        grids_new = [todo[b][5].grid[j:j + 1] for b, j in new_images]
         feed = full[:, Wf - W:].clone()
         feed[dst == st["cache"].dump] = self.pad_id  # what the slot already holds is not fed again
         # positions on the host: get_rope_index walks rows and images in Python, a device sync per step on a GPU
@@ -410,7 +425,7 @@ class HFStreamingEngine(HFEngine):
         self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo], last_pos, ends, seen)
         version = weight_version(self.model)
         for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5][0], t[7], t[5][3], version)
+            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5].ids, t[7], t[5].keys, version)
         self.reused_tokens += sum(t[6] for t in todo)
         self.prefills += 1
 
@@ -447,20 +462,19 @@ class HFStreamingEngine(HFEngine):
                 i += 1
         return runs
 
-    def _images_in(self, ids: list[int], n: int) -> int:
-        return sum(1 for _, end in self._image_runs(ids) if end <= n)
-
-    def _reusable(self, ids: list[int], grid, keys: list, pk: _Parked) -> int:
-        """How many leading tokens of ``ids`` the parked cache holds: the common prefix, cut back to the start of an
-        image it would split, and only if the images it spans are the same images (placeholders alone cannot tell)."""
+    def _reusable(self, prep: _Prepared, pk: _Parked) -> int:
+        """How many leading tokens of the prompt the parked cache holds: the common prefix, cut back to the start of
+        an image it would split, and only if the images it spans are the same images (placeholders alone cannot
+        tell)."""
+        ids = prep.ids
         n, lim = 0, min(len(ids) - 1, len(pk.tokens))  # at least one token left to prefill (its logits sample)
         while n < lim and ids[n] == pk.tokens[n]:
             n += 1
-        for start, end in self._image_runs(ids):
+        for start, end in prep.runs:
             if start < n < end:
                 n = start
-        k = self._images_in(ids, n)
-        return n if keys[:k] == pk.image_keys[:k] else 0
+        k = prep.images_in(n)
+        return n if prep.keys[:k] == pk.image_keys[:k] else 0
 
     def _autocast(self):
         if self.autocast_dtype is None:
