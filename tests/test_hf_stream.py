@@ -330,3 +330,23 @@ def test_decode_reads_grow_with_the_sequences_and_sample_the_same(tiny_bundle):
         want = HFEngine(tiny_bundle).generate([r])[0][0]
         assert got[i][0].token_ids == want.token_ids, i
         assert torch.allclose(torch.tensor(got[i][0].logprobs), torch.tensor(want.logprobs), atol=1e-5)
+
+
+def test_a_long_queue_is_prefilled_in_batches_not_one_slot_at_a_time(tiny_bundle):
+    """Forty requests queued at once, eight slots freeing one by one: after the first fill, every prefill starts at
+    least a quarter of the slots, comes PREFILL_WAIT polls after the previous one, or finds no slot decoding;
+    samples equal generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=8, cache_len=512, max_new_cap=48)
+    log = []
+    prefill = eng._prefill
+    eng._prefill = lambda items: log.append((eng._polls, len(items), any(eng._rows))) or prefill(items)
+    reqs = [_req(tiny_bundle, "x" * (1 + i % 5), None, seed=i, max_new_tokens=4 + (7 * i) % 41) for i in range(40)]
+    for i, r in enumerate(reqs):
+        eng.submit(r, i)
+    got, _ = _drain(eng)
+    assert log[0][1] == 8
+    for (p0, _, _), (p1, rows, busy) in zip(log, log[1:]):
+        assert rows >= eng.prefill_min or p1 - p0 >= eng.PREFILL_WAIT or not busy, log
+    assert len(log) < 20  # one slot at a time would take ~32
+    want = HFEngine(tiny_bundle, batch_size=40).generate(reqs)
+    assert all(got[i][0].token_ids == want[i][0].token_ids for i in range(40))

@@ -11,7 +11,7 @@ token limits are per slot, and attention reads the cache only up to a bucket pas
 width). Every :attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token
 limit) and refills them, so an episode's next turn starts while the other episodes' turns are still decoding. A
 prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of the slots
-can start (or the oldest has waited :attr:`~HFStreamingEngine.PREFILL_WAIT` polls).
+can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill.
 
 Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
 function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
@@ -155,6 +155,7 @@ class HFStreamingEngine(HFEngine):
         self.prefills = 0  # prefill forwards so far
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         self._polls = 0
+        self._prefilled_at = 0  # the poll of the last prefill
         self._grids: OrderedDict[str, torch.Tensor] = OrderedDict()  # image key → patch grid (see _prepare)
         self._ready: list[tuple[Any, list[Completion]]] = []
         self._n_in_flight = 0
@@ -224,13 +225,13 @@ class HFStreamingEngine(HFEngine):
         return self._st
 
     MIN_REUSE = 16  # shortest cached prefix worth continuing from
-    PREFILL_WAIT = 4  # polls a waiting request may wait for others to share its prefill (while other slots decode)
+    PREFILL_WAIT = 4  # polls between prefills while fewer than prefill_min rows can start (and other slots decode)
 
     def _fill(self) -> None:
         """Start waiting requests in free slots, all in **one** prefill forward: an episode's next turn whose prompt
         extends a parked slot's cached tokens goes into that slot and only its new tokens are prefilled; the others
         take fresh slots (unparked ones first). While other slots decode, a prefill waits until a quarter of the
-        slots can start or the oldest waiting request has waited :attr:`PREFILL_WAIT` polls: a prefill forward
+        slots can start or :attr:`PREFILL_WAIT` polls have passed since the last prefill: a prefill forward
         stalls every decoding slot, and one of many rows costs little more than one of a single row."""
         if not self._queue:
             return
@@ -240,8 +241,8 @@ class HFStreamingEngine(HFEngine):
         free = [i for i, r in enumerate(self._rows) if r is None]
         waiting = sum(len(e[2]) - e[3] for e in self._queue)
         if busy and min(waiting, len(free)) < self.prefill_min and \
-                self._polls - self._queue[0][5] < self.PREFILL_WAIT:
-            return
+                self._polls - max(self._queue[0][5], self._prefilled_at) < self.PREFILL_WAIT:
+            return  # a free slot waits at most PREFILL_WAIT polls
         if self._parked:  # parked under other weights (an update since): their keys and values are stale
             now = weight_version(self.model)
             for slot in [i for i, pk in self._parked.items() if pk.version != now]:
@@ -277,6 +278,7 @@ class HFStreamingEngine(HFEngine):
                 self._queue.popleft()
         if items:
             self._prefill(items)
+            self._prefilled_at = self._polls
 
     def _compatible(self, req: GenerationRequest) -> bool:
         """Whether ``req`` can run beside the slots' current sampling settings (which it sets when there are none)."""
