@@ -145,6 +145,20 @@ def make_plan(keys: list[tuple[str, int]], max_calls: int, min_tokens: int, max_
     return plan
 
 
+def step_bounds(plan: dict, keys: list, slots: int, check: int = 16) -> dict:
+    """Decode steps each loop needs at least, from the plan alone (prefills and host work excluded): the
+    turn-synchronous loop decodes every round's turns in batches of ``slots`` rows, each as long as its longest turn
+    (rounded up to the host-check interval); the no-barrier loop needs at least the total tokens over ``slots`` and
+    at least its longest episode (its turns run one after another). Their ratio bounds what no barrier can gain."""
+    turns = [plan[k][1] for k in keys]
+    sync = 0
+    for r in range(max(len(t) for t in turns)):
+        live = [t[r] for t in turns if len(t) > r]
+        sync += sum(-(-max(live[c:c + slots]) // check) * check for c in range(0, len(live), slots))
+    stream = max(sum(map(sum, turns)) / slots, max(sum(t) for t in turns))
+    return {"turn_synchronous_steps": sync, "no_barrier_steps": round(stream), "ratio": round(sync / stream, 2)}
+
+
 def snapshot(ep) -> tuple:
     """What must be equal between the two loops: the record, every segment's ids, the images' keys."""
     rec = ep.to_record()
@@ -350,6 +364,7 @@ def main() -> None:
                                                         "long_tail", "max_pixels", "max_model_len", "max_num_seqs", "seed",
                                                         "slots")},
              "identical_fraction": round(same / max(1, len(eps_sync)), 3),
+             "decode_step_bound": step_bounds(plan, keys, args.slots) if args.engine == "hf" else None,
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
              "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
     print(json.dumps(final), flush=True)
