@@ -294,7 +294,7 @@ class HFStreamingEngine(HFEngine):
         """A queued request's :class:`_Prepared` inputs (computed once), or an exception. ``pixels[j]`` is
         image ``j``'s processed pixels, or None for an image named by a string key whose grid an earlier request
         already gave: an episode's earlier images, usually in the slot's cache and then never processed again
-        (:meth:`_pixels` processes them if a fresh prefill needs them after all)."""
+        (:meth:`_prefill` processes them if a fresh prefill needs them after all)."""
         if entry[4] is None:
             req = entry[1]
             try:
