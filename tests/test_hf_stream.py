@@ -289,25 +289,53 @@ def test_while_slots_decode_a_lone_waiting_request_waits_to_share_a_prefill(tiny
         assert got[i][0].token_ids == want[i][0].token_ids, i
 
 
-def test_an_images_pixels_are_processed_only_when_a_prefill_needs_them(tiny_bundle, monkeypatch):
-    """A next turn names its episode's first image by key: its grid is remembered, its pixels are not processed again
-    while the slot's cache holds it; when that slot went to another request meanwhile, the fresh prefill processes
-    the image after all, and the sample still equals generate's."""
+def test_an_episodes_earlier_image_is_neither_processed_nor_encoded_again(tiny_bundle, monkeypatch):
+    """A next turn names its episode's first image by key: its grid is remembered and its pixels are not processed
+    again. When its slot went to another request meanwhile, the fresh prefill takes the image's features from the
+    engine's feature cache (not processed, not encoded); without them it processes and encodes the image after all.
+    Samples equal generate's either way."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=1, cache_len=1024, max_new_cap=32)
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["e/full"]
-    eng.submit(first, "t1")
-    c1 = _drain(eng)[0]["t1"][0]
-    eng.submit(_req(tiny_bundle, "Something else entirely, a longer question", IM2, seed=5, max_new_tokens=4), "x")
-    _drain(eng)  # the only slot now holds another prompt
     seen = []
     process = eng._process
     monkeypatch.setattr(eng, "_process", lambda images: seen.append(len(images)) or process(images))
-    second = _next_turn(tiny_bundle, first, c1, IM2, "e/crop")
-    eng.submit(second, "t2")
-    got = _drain(eng)[0]["t2"][0]
-    assert seen == [1, 1]  # the new crop when the request was queued; the full image at its fresh prefill
-    assert got.token_ids == HFEngine(tiny_bundle).generate([second])[0][0].token_ids
+    for name, cached in (("e", True), ("f", False)):
+        first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+        first.image_keys = [f"{name}/full"]
+        eng.submit(first, "t1")
+        c1 = _drain(eng)[0]["t1"][0]
+        eng.submit(_req(tiny_bundle, "Something else entirely, a longer question", IM2, seed=5, max_new_tokens=4),
+                   "x")
+        _drain(eng)  # the only slot now holds another prompt
+        if not cached:
+            eng._features.clear()
+        seen.clear()
+        second = _next_turn(tiny_bundle, first, c1, IM2, f"{name}/crop")
+        eng.submit(second, "t2")
+        got = _drain(eng)[0]["t2"][0]
+        # the new crop when the request was queued; the full image again only without its cached features
+        assert [n for n in seen if n] == ([1] if cached else [1, 1]), name
+        assert got.token_ids == HFEngine(tiny_bundle).generate([second])[0][0].token_ids
+
+
+def test_a_groups_shared_first_image_is_encoded_once_per_prefill(tiny_bundle, monkeypatch):
+    """Four episodes of a GRPO group start from the same image (same key): one prefill encodes it once, and each
+    sample equals generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=4, cache_len=1024, max_new_cap=16)
+    visual = tiny_bundle.model.model.visual
+    calls = []
+    hook = visual.register_forward_hook(
+        lambda m, a, kw, o: calls.append(int((a[1] if len(a) > 1 else kw["grid_thw"]).shape[0])), with_kwargs=True)
+    try:
+        reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=10 + i, max_new_tokens=5) for i in range(4)]
+        for i, r in enumerate(reqs):
+            r.image_keys = ["s/full"]
+            eng.submit(r, i)
+        got, _ = _drain(eng)
+    finally:
+        hook.remove()
+    assert eng.prefills == 1 and calls == [1]  # one vision forward, of one image
+    for i, r in enumerate(reqs):
+        assert got[i][0].token_ids == HFEngine(tiny_bundle).generate([r])[0][0].token_ids
 
 
 def test_decode_reads_grow_with_the_sequences_and_sample_the_same(tiny_bundle):

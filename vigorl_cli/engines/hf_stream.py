@@ -40,6 +40,7 @@ from vigorl_cli.engines.static_decode import (
     weight_addresses,
     weight_version,
 )
+from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, shared_image_features
 from vigorl_cli.models.vision_attention import fused_attention
 
 
@@ -391,11 +392,6 @@ class HFStreamingEngine(HFEngine):
             if grid is not None:
                 grids_all.append(grid)
                 new_images += [(b, j) for j in range(t[5].images_in(lcp), grid.shape[0])]
-        missing = [(b, j) for b, j in new_images if todo[b][5].pixels[j] is None]  # not processed yet (_prepare)
-        for (b, j), (pv, _) in zip(missing, self._process([todo[b][2].images[j] for b, j in missing])):
-            todo[b][5].pixels[j] = pv
-        pix = [todo[b][5].pixels[j] for b, j in new_images]
-        grids_new = [todo[b][5].grid[j:j + 1] for b, j in new_images]
         feed = full[:, Wf - W:].clone()
         feed[dst == st["cache"].dump] = self.pad_id  # what the slot already holds is not fed again
         # positions on the host: get_rope_index walks rows and images in Python, a device sync per step on a GPU
@@ -407,15 +403,12 @@ class HFStreamingEngine(HFEngine):
         qpos = torch.where(dst == st["cache"].dump, lo[:, None], dst)  # a padding query sees the slot's first key
         kv = torch.arange(read, device=device)
         see = (kv[None, None] >= lo[:, None, None]) & (kv[None, None] <= qpos[:, :, None])  # [n, W, read]
-        extra = {}
-        if pix:
-            extra = {"pixel_values": torch.cat(pix).to(device, dtype=self.model.dtype),
-                     "image_grid_thw": torch.cat(grids_new).to(device)}
+        extra, features = self._vision_inputs(todo, new_images, device)
         rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
         cache = st["cache"]
         cache.rows, cache.dst, cache.read = rows, dst, read
         try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
-            with self._autocast(), fused_attention(device):
+            with self._autocast(), fused_attention(device), features:
                 out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1,
                                  mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device), **extra)
@@ -430,6 +423,36 @@ class HFStreamingEngine(HFEngine):
             self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5].ids, t[7], t[5].keys, version)
         self.reused_tokens += sum(t[6] for t in todo)
         self.prefills += 1
+
+    def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
+        """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
+        gets their features. As in :meth:`HFEngine.generate`: every distinct image (by key) is encoded once — a GRPO
+        group's episodes start from the same image — and not at all when the engine's feature cache holds it (an
+        episode's earlier images, when its next turn could not continue its slot)."""
+        if not new_images:
+            return {}, contextlib.nullcontext()
+        keys = [todo[b][5].keys[j] for b, j in new_images]
+        grid_occ = torch.cat([todo[b][5].grid[j:j + 1] for b, j in new_images])  # [occurrences, 3]
+        share = self.dedupe_images and self.bundle.kind in SHARED_IMAGE_KINDS
+        first, occ = distinct_images(keys) if share else (list(range(len(keys))), list(range(len(keys))))
+        ukeys = [keys[i] for i in first]
+        known = self._cached_features(ukeys) if share else {}
+        need = [new_images[first[u]] for u in range(len(first)) if u not in known]  # to encode, in order
+        missing = [(b, j) for b, j in need if todo[b][5].pixels[j] is None]  # not processed yet (_prepare)
+        for (b, j), (pv, _) in zip(missing, self._process([todo[b][2].images[j] for b, j in missing])):
+            todo[b][5].pixels[j] = pv
+        pix = [todo[b][5].pixels[j] for b, j in need]
+        pv = torch.cat(pix) if pix else torch.zeros((0, self._pixel_dim), dtype=torch.float32)
+        extra = {"pixel_values": pv.to(device, dtype=self.model.dtype), "image_grid_thw": grid_occ.to(device)}
+        if not share:
+            return extra, contextlib.nullcontext()
+        grid_u = grid_occ[first]
+
+        def remember(u: int, feats: torch.Tensor) -> None:
+            self._remember_features(ukeys[u], feats, grid_u[u])
+
+        return extra, shared_image_features(self.model, grid_u.to(device), occ,
+                                            known={u: f for u, (f, _) in known.items()}, on_encoded=remember)
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
                last_pos: torch.Tensor, cur: torch.Tensor, mask_rows: torch.Tensor) -> None:
