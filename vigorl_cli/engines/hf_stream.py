@@ -97,8 +97,7 @@ class _Row:
     index: int  # which of the request's n samples
     max_new: int
     params: SamplingParams  # its stop strings end it (HFEngine._cut / _finish)
-    prompt: list[int]  # the expanded prompt, held in cache positions [offset, offset + len(prompt))
-    offset: int
+    prompt: list[int]  # the expanded prompt, held in cache positions [0, len(prompt))
     image_keys: list  # identity of the prompt's images, in order
     version: int  # weight_version() at its prefill
     checked: int = 0  # tokens already searched for a stop string
@@ -122,11 +121,10 @@ class _Prepared:
 
 @dataclass
 class _Parked:
-    """A finished slot whose cache still holds ``tokens`` from ``offset`` on: the next turn of the same episode
+    """A finished slot whose cache still holds ``tokens`` (from position 0): the next turn of the same episode
     (its prompt extends these tokens) is prefilled from where they end."""
 
     tokens: list[int]
-    offset: int
     image_keys: list
     version: int  # the weights' in-place version (``weight_version``) its keys and values were computed with
 
@@ -248,15 +246,15 @@ class HFStreamingEngine(HFEngine):
             now = weight_version(self.model)
             for slot in [i for i, pk in self._parked.items() if pk.version != now]:
                 del self._parked[slot]
-        items: list[tuple] = []  # (slot, group, request, sample, seed, prepared, reused prefix, slot offset)
+        items: list[tuple] = []  # (slot, group, request, sample, seed, prepared, tokens the slot already holds)
         for entry in list(self._queue):
             if not self._parked:
                 break
             if entry[3] == 0 and len(entry[2]) == 1 and self._compatible(entry[1]):
                 hit = self._continuation(entry)
                 if hit is not None:
-                    slot, lcp, offset = hit
-                    items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp, offset))
+                    slot, lcp = hit
+                    items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp))
                     entry[3] = 1
                     self._queue.remove(entry)
         taken = {it[0] for it in items}
@@ -271,7 +269,7 @@ class HFStreamingEngine(HFEngine):
             prep = self._prepare(entry)
             take = min(len(seeds) - start, len(free) - used)  # a request's n samples may span fills
             for k in range(start, start + take):
-                items.append((free[used], group, req, k, seeds[k], prep, 0, 0))
+                items.append((free[used], group, req, k, seeds[k], prep, 0))
                 self._parked.pop(free[used], None)
                 used += 1
             entry[3] = start + take
@@ -330,8 +328,8 @@ class HFStreamingEngine(HFEngine):
         sizes = grid.prod(-1).tolist()
         return list(zip(torch.split(pv, sizes), grid))
 
-    def _continuation(self, entry) -> tuple[int, int, int] | None:
-        """``(slot, reused tokens, slot offset)`` of the parked slot holding the longest prefix of ``entry``'s prompt
+    def _continuation(self, entry) -> tuple[int, int] | None:
+        """``(slot, reused tokens)`` of the parked slot holding the longest prefix of ``entry``'s prompt
         (same tokens, same images); the slot is unparked. None when none fits."""
         prep = self._prepare(entry)
         if isinstance(prep, Exception):
@@ -340,37 +338,38 @@ class HFStreamingEngine(HFEngine):
         best = None
         for slot, pk in self._parked.items():
             n = self._reusable(prep, pk)
-            if n >= self.MIN_REUSE and pk.offset + len(prep.ids) + max_new <= self.cache_len and (
+            if n >= self.MIN_REUSE and len(prep.ids) + max_new <= self.cache_len and (
                     best is None or n > best[1]):
                 best = (slot, n)
         if best is None:
             return None
-        return best[0], best[1], self._parked.pop(best[0]).offset
+        del self._parked[best[0]]
+        return best
 
     @torch.no_grad()
     def _prefill(self, items) -> None:
         """One forward for every starting row: row ``b`` (slot ``rows[b]``) feeds the tokens of its prompt after the
         ``lcp`` its slot already holds, left-padded so that every row's last token is the last column; its keys and
-        values go to cache positions ``offset + lcp ..`` (:class:`SlotCache`), and its queries see the slot's
-        positions from ``offset`` on, causally. M-RoPE positions come from the model's ``get_rope_index`` over each
+        values go to cache positions ``lcp ..`` (:class:`SlotCache`; every slot's sequence starts at position 0),
+        and its queries see the slot's positions causally. M-RoPE positions come from the model's ``get_rope_index`` over each
         row's whole prompt (images of the cached prefix included); the vision tower sees only the new images."""
         from vigorl_cli.models.load import mm_token_type_ids
 
         device = self.model.device
         st = self._state(device)
         todo = []
-        for slot, group, req, k, seed, prep, lcp, offset in items:
+        for slot, group, req, k, seed, prep, lcp in items:
             if isinstance(prep, Exception):
                 self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
                 continue
             ids = prep.ids
             max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
-            if offset + len(ids) + max_new > self.cache_len:
+            if len(ids) + max_new > self.cache_len:
                 self._finish_row(group, k, Completion([], "", [], "error", None,
                                                       f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
                                                       f"the cache length {self.cache_len}"))
                 continue
-            todo.append((slot, group, req, k, seed, prep, lcp, offset, max_new))
+            todo.append((slot, group, req, k, seed, prep, lcp, max_new))
         if not todo:
             return
         n = len(todo)
@@ -380,15 +379,14 @@ class HFStreamingEngine(HFEngine):
         full = torch.full((n, Wf), self.pad_id, dtype=torch.long)
         fvalid = torch.zeros((n, Wf), dtype=torch.bool)
         dst = torch.full((n, W), st["cache"].dump, dtype=torch.long)
-        lo = torch.tensor([t[7] for t in todo], dtype=torch.long)
         new_images: list[tuple[int, int]] = []  # (row, image) to encode: those after the slot's cached prefix
         grids_all = []
         for b, t in enumerate(todo):
             ids, grid = t[5].ids, t[5].grid
-            lcp, offset = t[6], t[7]
+            lcp = t[6]
             full[b, Wf - lens[b]:] = torch.tensor(ids, dtype=torch.long)
             fvalid[b, Wf - lens[b]:] = True
-            dst[b, W - news[b]:] = torch.arange(offset + lcp, offset + lens[b])
+            dst[b, W - news[b]:] = torch.arange(lcp, lens[b])
             if grid is not None:
                 grids_all.append(grid)
                 new_images += [(b, j) for j in range(t[5].images_in(lcp), grid.shape[0])]
@@ -398,11 +396,10 @@ class HFStreamingEngine(HFEngine):
         pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config),
                                torch.cat(grids_all) if grids_all else None)  # [3, n, Wf]
         last_pos = pos.masked_fill(~fvalid[None], -1).amax(dim=2).amax(dim=0)
-        pos, last_pos, feed, dst, lo = (x.to(device) for x in (pos[:, :, Wf - W:], last_pos, feed, dst, lo))
-        read = max(t[7] + ln for t, ln in zip(todo, lens))
-        qpos = torch.where(dst == st["cache"].dump, lo[:, None], dst)  # a padding query sees the slot's first key
-        kv = torch.arange(read, device=device)
-        see = (kv[None, None] >= lo[:, None, None]) & (kv[None, None] <= qpos[:, :, None])  # [n, W, read]
+        pos, last_pos, feed, dst = (x.to(device) for x in (pos[:, :, Wf - W:], last_pos, feed, dst))
+        read = max(lens)
+        qpos = dst.masked_fill(dst == st["cache"].dump, 0)  # a padding query sees the slot's first key
+        see = torch.arange(read, device=device)[None, None] <= qpos[:, :, None]  # [n, W, read]: causal
         extra, features = self._vision_inputs(todo, new_images, device)
         rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
         cache = st["cache"]
@@ -414,13 +411,12 @@ class HFStreamingEngine(HFEngine):
                                  mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device), **extra)
         finally:
             cache.rows, cache.dst, cache.read = None, None, 0
-        ends = torch.tensor([t[7] + ln for t, ln in zip(todo, lens)], dtype=torch.long, device=device)
-        cols = torch.arange(self.cache_len + 1, device=device)[None]
-        seen = (cols >= lo[:, None]) & (cols < ends[:, None])
-        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[8] for t in todo], last_pos, ends, seen)
+        ends = torch.tensor(lens, dtype=torch.long, device=device)
+        seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
+        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[7] for t in todo], last_pos, ends, seen)
         version = weight_version(self.model)
         for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[8], t[2].params, t[5].ids, t[7], t[5].keys, version)
+            self._rows[t[0]] = _Row(t[1], t[3], t[7], t[2].params, t[5].ids, t[5].keys, version)
         self.reused_tokens += sum(t[6] for t in todo)
         self.prefills += 1
 
@@ -533,7 +529,7 @@ class HFStreamingEngine(HFEngine):
         full = self.cache_len + 1
         if not self.READ_BUCKET:
             return full
-        need = max((r.offset + len(r.prompt) + r.steps for r in self._rows if r is not None), default=0) + n + 1
+        need = max((len(r.prompt) + r.steps for r in self._rows if r is not None), default=0) + n + 1
         return min(full, -(-need // self.READ_BUCKET) * self.READ_BUCKET)
 
     @torch.no_grad()
@@ -592,8 +588,8 @@ class HFStreamingEngine(HFEngine):
             self._rows[slot] = None
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
-            fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - row.offset - len(row.prompt))]
-            self._parked[slot] = _Parked(row.prompt + fed, row.offset, row.image_keys, row.version)
+            fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - len(row.prompt))]
+            self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version)
             self._finish_row(row.group, row.index, comp)
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
