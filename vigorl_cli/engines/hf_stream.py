@@ -40,7 +40,7 @@ from vigorl_cli.engines.static_decode import (
     weight_addresses,
     weight_version,
 )
-from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, shared_image_features
+from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images
 from vigorl_cli.models.vision_attention import fused_attention
 
 
@@ -442,13 +442,7 @@ class HFStreamingEngine(HFEngine):
         extra = {"pixel_values": pv.to(device, dtype=self.model.dtype), "image_grid_thw": grid_occ.to(device)}
         if not share:
             return extra, contextlib.nullcontext()
-        grid_u = grid_occ[first]
-
-        def remember(u: int, feats: torch.Tensor) -> None:
-            self._remember_features(ukeys[u], feats, grid_u[u])
-
-        return extra, shared_image_features(self.model, grid_u.to(device), occ,
-                                            known={u: f for u, (f, _) in known.items()}, on_encoded=remember)
+        return extra, self._sharing(ukeys, grid_occ[first], occ, known, device)
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
                last_pos: torch.Tensor, cur: torch.Tensor, mask_rows: torch.Tensor) -> None:
