@@ -174,7 +174,7 @@ def time_phases(engine: Any) -> None:
     import torch
 
     engine.bench_phases = {}
-    targets = {"encode_images": engine, "_prefill": engine, "_extend": engine, "_advance": engine,
+    targets = {"encode_images": engine, "_prefill": engine, "_advance": engine,
                "_collect": engine, "_prepare": engine}
     dec = getattr(engine, "_decoder", None)
     if dec is not None:
@@ -364,7 +364,8 @@ def main() -> None:
                                                         "long_tail", "max_pixels", "max_model_len", "max_num_seqs", "seed",
                                                         "slots")},
              "identical_fraction": round(same / max(1, len(eps_sync)), 3),
-             "decode_step_bound": step_bounds(plan, keys, args.slots) if args.engine == "hf" else None,
+             "decode_step_bound": (step_bounds(plan, keys, args.slots, engines[False]._decoder.CHECK_EVERY)
+                                   if args.engine == "hf" else None),
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
              "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
     print(json.dumps(final), flush=True)
