@@ -200,6 +200,56 @@ def time_phases(engine: Any) -> None:
         setattr(obj, name, functools.wraps(fn)(timed))
 
 
+def time_modules(model: Any, sink) -> None:
+    """Time the vision tower's and the language model's forward calls (device-synchronised) into ``sink()["vision"]``
+    and ``sink()["language"]`` (``[seconds, calls]``): how a prefill splits. Calls made while a CUDA graph is being
+    captured are not timed (a sync there would break the capture); graph replays never call forward."""
+    import functools
+
+    import torch
+
+    inner = getattr(model, "model", model)
+    for name, attr in (("vision", "visual"), ("language", "language_model")):
+        mod = getattr(inner, attr, None)
+        if mod is None:
+            continue
+        fn = mod.forward
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            cuda = torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                    acc = sink().setdefault(_name, [0.0, 0])
+                    acc[0] += time.perf_counter() - t
+                    acc[1] += 1
+
+        mod.forward = functools.wraps(fn)(timed)
+
+
+def parse_variants(text: str | None) -> list[dict[str, Any]]:
+    """``"pipeline=0;prefill_min=4,PREFILL_WAIT=2"`` → ``[{"pipeline": 0}, {"prefill_min": 4, "PREFILL_WAIT": 2}]``:
+    engine attributes for extra no-barrier runs (values are JSON literals)."""
+    out = []
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        v = {}
+        for kv in part.split(","):
+            k, _, val = kv.partition("=")
+            if not _ or not k.strip():
+                raise SystemExit(f"--nb-variants: {kv!r} is not key=value")
+            v[k.strip()] = json.loads(val)
+        out.append(v)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2.5-vl-3b")
@@ -227,6 +277,9 @@ def main() -> None:
                     help="hf: time the engines' phases (prefill, decode, host checks; a device sync at each end)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the timed runs, profile the no-barrier loop on N episodes (torch.profiler tables)")
+    ap.add_argument("--nb-variants", default=None, metavar="SPEC",
+                    help="hf: extra no-barrier runs with engine attributes changed, e.g. "
+                         "'pipeline=false;prefill_min=4,PREFILL_WAIT=2' (each compared with the same turn-sync run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not 0 <= args.max_calls <= 3:
@@ -262,6 +315,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     processor = load_processor(path, model_kind(AutoConfig.from_pretrained(path)), max_pixels=args.max_pixels)
+    active: list = [None]  # the engine whose phases the model's module timers feed (--phases)
     if args.engine == "vllm":
         from vigorl_cli.engines.vllm import VLLMEngine
 
@@ -289,6 +343,8 @@ def main() -> None:
         if args.phases:
             for e in engines.values():
                 time_phases(e)
+            active[0] = engines[True]
+            time_modules(bundle.model, lambda: active[0].bench_phases)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
     samples = read_samples(root / args.data).samples[:n_prompts]
@@ -318,6 +374,7 @@ def main() -> None:
         engine = engines[no_barrier]
         if args.engine == "vllm":
             engine.no_barrier = no_barrier
+        active[0] = engine
         eng = ScriptedToolUse(engine, processor.tokenizer, plan, seed=args.seed)
         eps = episodes(subset)
         reused = getattr(engine, "reused_tokens", None)
@@ -368,6 +425,27 @@ def main() -> None:
                                    if args.engine == "hf" else None),
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
              "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
+    variants = parse_variants(args.nb_variants) if args.engine == "hf" else []
+    if variants:
+        final["variants"] = []
+        eng = engines[True]
+        for v in variants:
+            for k in v:
+                if not hasattr(eng, k):
+                    raise SystemExit(f"--nb-variants: {type(eng).__name__} has no attribute {k!r}")
+            saved = {k: getattr(eng, k) for k in v}
+            for k, val in v.items():
+                setattr(eng, k, val)
+            try:
+                res, eps_v = run("no_barrier " + json.dumps(v), True, keys)
+            finally:
+                for k, val in saved.items():
+                    setattr(eng, k, val)
+            final["variants"].append({"set": v, "result": res,
+                                      "identical_to_no_barrier": all(snapshot(a) == snapshot(b)
+                                                                     for a, b in zip(eps_ours, eps_v)),
+                                      "speedup_episodes_per_s": round(res["episodes_per_s"]
+                                                                      / max(1e-9, sync["episodes_per_s"]), 2)})
     print(json.dumps(final), flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, record_function

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -110,9 +111,12 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
-def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline):
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
-    random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's."""
+    random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
+    ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
+    arriving meanwhile are prefilled after it."""
     import random
 
     gen = HFEngine(tiny_bundle, batch_size=8)
@@ -120,6 +124,8 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle):
     for trial in range(3):
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
+        assert eng.pipeline is False  # CPU default
+        eng.pipeline = pipeline
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
                      stop=rng.choice([(), ("e",), ("a", "o")]))
@@ -201,6 +207,37 @@ def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bun
     got, _ = _drain(eng)
     assert eng.reused_tokens == reused  # same placeholder tokens, different image: a fresh prefill
     assert got["x"][0].token_ids == HFEngine(tiny_bundle).generate([other])[0][0].token_ids
+
+
+def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
+    """With ``pipeline``, a chunk runs between a turn's collect and its next turn's prefill while another request
+    decodes, so the parked slot steps on (idle) and writes past its cached tokens. The next turn still continues
+    from the parked prefix and samples what generate samples from the full prompt."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    eng.pipeline = True
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["s/full"]
+    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    eng.submit(first, "t1")
+    eng.submit(long, "long")
+    got = {}
+    while "t1" not in got:
+        got.update(eng.poll())
+    assert eng._chunk  # the long request decodes on in a chunk launched before poll returned
+    c1 = got["t1"][0]
+    obs = tiny_bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
+                                "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    second = GenerationRequest(first.prompt_ids + c1.token_ids + obs, [IM1, IM2],
+                               SamplingParams(seed=2, max_new_tokens=10), image_keys=["s/full", "s/crop-1"])
+    eng.poll()  # one more chunk with the parked slot idle
+    eng.submit(second, "t2")
+    rest, _ = _drain(eng)
+    got.update(rest)
+    _, grid = eng.encode_images(first.images)
+    assert eng.reused_tokens == len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
+    gen = HFEngine(tiny_bundle)
+    assert got["t2"][0].token_ids == gen.generate([second])[0][0].token_ids
+    assert got["long"][0].token_ids == gen.generate([long])[0][0].token_ids
 
 
 def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bundle):

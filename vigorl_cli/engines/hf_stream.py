@@ -153,6 +153,10 @@ class HFStreamingEngine(HFEngine):
         self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a parked prefix (tests, benchmarks)
         self.prefills = 0  # prefill forwards so far
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
+        # launch the next decode chunk before poll returns (see poll); only worth it where the device runs
+        # asynchronously to the host
+        self.pipeline = self.model.device.type == "cuda"
+        self._chunk = False  # a launched chunk not collected yet
         self._polls = 0
         self._prefilled_at = 0  # the poll of the last prefill
         self._grids: OrderedDict[str, torch.Tensor] = OrderedDict()  # image key → patch grid (see _prepare)
@@ -191,15 +195,27 @@ class HFStreamingEngine(HFEngine):
         self._parked.clear()
         self._ready.clear()
         self._n_in_flight = 0
+        self._chunk = False
 
     def poll(self) -> list[tuple[Any, list[Completion]]]:
-        """Fill free slots, decode :attr:`CHECK_EVERY` steps, return the requests whose samples all finished."""
+        """Fill free slots, decode :attr:`CHECK_EVERY` steps, return the requests whose samples all finished.
+
+        With :attr:`pipeline` (on a GPU), the next :attr:`CHECK_EVERY` steps are launched before returning, so the
+        device decodes while the caller turns finished requests into new ones (parsing, cropping, tokenizing) and
+        while the next :meth:`_fill` prepares its inputs; that chunk is collected by the next poll. Slots freed by
+        the last collect idle through it (every slot steps; a free slot's writes land past whatever it holds) and
+        the new requests are prefilled after it, in stream order."""
         self._polls += 1
         if not self._ready:
             self._fill()
             if any(r is not None for r in self._rows):
-                self._advance(self.CHECK_EVERY)
+                if not self._chunk:
+                    self._advance(self.CHECK_EVERY)
                 self._collect()
+                self._chunk = False
+                if self.pipeline and any(r is not None for r in self._rows):
+                    self._advance(self.CHECK_EVERY)
+                    self._chunk = True
         done = list(self._ready)
         self._ready.clear()
         self._n_in_flight -= len(done)
