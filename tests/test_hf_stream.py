@@ -250,7 +250,7 @@ def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bund
 
     model = copy.deepcopy(tiny_bundle.model)
     bundle = ModelBundle(model, tiny_bundle.processor, "x", "qwen2_5_vl")
-    eng = HFStreamingEngine(bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    eng = HFStreamingEngine(bundle, batch_size=1, cache_len=1024, max_new_cap=32)  # one slot: every request reuses it
     first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
     eng.submit(first, "t1")
     _drain(eng)

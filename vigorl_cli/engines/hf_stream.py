@@ -44,6 +44,22 @@ from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images
 from vigorl_cli.models.vision_attention import fused_attention
 
 
+def common_prefix(a: list, b: list, limit: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit``: slice comparisons (C loops) in a binary
+    search rather than a Python loop over tokens."""
+    limit = max(0, min(limit, len(a), len(b)))
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class SlotCache:
     """A static KV cache whose batch rows are independent sequences (the transformers ``Cache.update`` interface).
 
@@ -263,16 +279,10 @@ class HFStreamingEngine(HFEngine):
             for slot in [i for i, pk in self._parked.items() if pk.version != now]:
                 del self._parked[slot]
         items: list[tuple] = []  # (slot, group, request, sample, seed, prepared, tokens the slot already holds)
-        for entry in list(self._queue):
-            if not self._parked:
-                break
-            if entry[3] == 0 and len(entry[2]) == 1 and self._compatible(entry[1]):
-                hit = self._continuation(entry)
-                if hit is not None:
-                    slot, lcp = hit
-                    items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp))
-                    entry[3] = 1
-                    self._queue.remove(entry)
+        for entry, slot, lcp in self._continuations():
+            items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp))
+            entry[3] = 1
+            self._queue.remove(entry)
         taken = {it[0] for it in items}
         free = ([i for i in free if i not in taken and i not in self._parked]
                 + [i for i in self._parked if i not in taken])  # parked slots last: their episode may come back
@@ -285,8 +295,10 @@ class HFStreamingEngine(HFEngine):
             prep = self._prepare(entry)
             take = min(len(seeds) - start, len(free) - used)  # a request's n samples may span fills
             for k in range(start, start + take):
-                items.append((free[used], group, req, k, seeds[k], prep, 0))
-                self._parked.pop(free[used], None)
+                slot = free[used]
+                pk = self._parked.pop(slot, None)  # what it holds may still share a prefix (a system prompt)
+                lcp = self._reusable(prep, pk) if pk is not None and self._fits(entry, prep) else 0
+                items.append((slot, group, req, k, seeds[k], prep, lcp if lcp >= self.MIN_REUSE else 0))
                 used += 1
             entry[3] = start + take
             if entry[3] == len(seeds):
@@ -344,23 +356,43 @@ class HFStreamingEngine(HFEngine):
         sizes = grid.prod(-1).tolist()
         return list(zip(torch.split(pv, sizes), grid))
 
-    def _continuation(self, entry) -> tuple[int, int] | None:
-        """``(slot, reused tokens)`` of the parked slot holding the longest prefix of ``entry``'s prompt
-        (same tokens, same images); the slot is unparked. None when none fits."""
-        prep = self._prepare(entry)
-        if isinstance(prep, Exception):
-            return None
-        max_new = min(int(entry[1].params.max_new_tokens), self.max_new_cap)
-        best = None
+    def _fits(self, entry, prep) -> bool:
+        return not isinstance(prep, Exception) and \
+            len(prep.ids) + min(int(entry[1].params.max_new_tokens), self.max_new_cap) <= self.cache_len
+
+    def _continuations(self) -> list[tuple[list, int, int]]:
+        """``(queue entry, parked slot, reused tokens)`` for the waiting single-sample requests that continue a
+        parked slot's cached prefix (an episode's next turn), longest reuse first, each entry and slot at most once.
+        Candidates are the parked slots whose first image is the request's first image (an episode keeps its
+        image; other episodes share at most a system prompt, which the fresh-slot path reuses too), or every
+        parked slot for a request without images."""
+        if not self._parked:
+            return []
+        by_image: dict[Any, list[int]] = {}
         for slot, pk in self._parked.items():
-            n = self._reusable(prep, pk)
-            if n >= self.MIN_REUSE and len(prep.ids) + max_new <= self.cache_len and (
-                    best is None or n > best[1]):
-                best = (slot, n)
-        if best is None:
-            return None
-        del self._parked[best[0]]
-        return best
+            by_image.setdefault(pk.image_keys[0] if pk.image_keys else None, []).append(slot)
+        cands = []
+        for order, entry in enumerate(self._queue):
+            if entry[3] != 0 or len(entry[2]) != 1 or not self._compatible(entry[1]):
+                continue
+            prep = self._prepare(entry)
+            if not self._fits(entry, prep):
+                continue
+            slots = by_image.get(prep.keys[0], ()) if prep.keys else self._parked
+            for slot in slots:
+                n = self._reusable(prep, self._parked[slot])
+                if n >= self.MIN_REUSE:
+                    cands.append((-n, order, slot, entry))
+        cands.sort(key=lambda c: c[:3])
+        out, used_slots, used_entries = [], set(), set()
+        for neg, _, slot, entry in cands:
+            if slot in used_slots or id(entry) in used_entries:
+                continue
+            used_slots.add(slot)
+            used_entries.add(id(entry))
+            del self._parked[slot]
+            out.append((entry, slot, -neg))
+        return out
 
     @torch.no_grad()
     def _prefill(self, items) -> None:
@@ -495,17 +527,15 @@ class HFStreamingEngine(HFEngine):
 
     def _reusable(self, prep: _Prepared, pk: _Parked) -> int:
         """How many leading tokens of the prompt the parked cache holds: the common prefix, cut back to the start of
-        an image it would split, and only if the images it spans are the same images (placeholders alone cannot
-        tell)."""
+        the first image it would split or whose image differs (placeholders alone cannot tell images apart)."""
         ids = prep.ids
-        n, lim = 0, min(len(ids) - 1, len(pk.tokens))  # at least one token left to prefill (its logits sample)
-        while n < lim and ids[n] == pk.tokens[n]:
-            n += 1
-        for start, end in prep.runs:
-            if start < n < end:
-                n = start
-        k = prep.images_in(n)
-        return n if prep.keys[:k] == pk.image_keys[:k] else 0
+        n = common_prefix(ids, pk.tokens, min(len(ids) - 1, len(pk.tokens)))  # >= 1 token left to prefill
+        for j, (start, end) in enumerate(prep.runs):
+            if start >= n:
+                break
+            if n < end or j >= len(pk.image_keys) or prep.keys[j] != pk.image_keys[j]:
+                return start
+        return n
 
     def _autocast(self):
         if self.autocast_dtype is None:
