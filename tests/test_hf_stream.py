@@ -240,6 +240,56 @@ def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
     assert got["long"][0].token_ids == gen.generate([long])[0][0].token_ids
 
 
+def test_common_prefix_and_reuse_cut_at_the_first_differing_image():
+    from vigorl_cli.engines.hf_stream import _Parked, _Prepared, common_prefix
+
+    a = list(range(100))
+    assert common_prefix(a, a, 100) == 100 and common_prefix(a, a, 40) == 40
+    assert common_prefix(a, a[:37] + [-1] + a[38:], 100) == 37
+    assert common_prefix(a, [-1] + a[1:], 100) == 0 and common_prefix(a, a[:5], 100) == 5 and common_prefix(a, a, 0) == 0
+    # prompt: 4 text tokens, image 0 at [4, 7), 2 text, image 1 at [9, 12), 3 text
+    ids = [1, 2, 3, 4, 9, 9, 9, 5, 6, 9, 9, 9, 7, 8, 0]
+    prep = _Prepared(ids, [None, None], None, ["full", "crop"], [(4, 7), (9, 12)])
+    eng = HFStreamingEngine.__new__(HFStreamingEngine)
+    assert eng._reusable(prep, _Parked(ids[:13], ["full", "crop"], 0)) == 13  # same images: the whole prefix
+    assert eng._reusable(prep, _Parked(ids[:13], ["full", "other"], 0)) == 9  # up to the image that differs
+    assert eng._reusable(prep, _Parked(ids[:13], ["other", "crop"], 0)) == 4  # the text before the first image
+    assert eng._reusable(prep, _Parked(ids[:10], ["full", "crop"], 0)) == 9  # would split image 1
+    assert eng._reusable(prep, _Parked(ids + [5], ["full", "crop"], 0)) == len(ids) - 1  # one token left to feed
+
+
+def test_a_next_turn_keeps_its_slot_when_an_earlier_request_shares_its_image(tiny_bundle):
+    """A GRPO group-mate (same first prompt and image) waits ahead of an episode's next turn: the next turn still
+    continues its own slot (the longer reuse), and the group-mate takes the other parked slot, reusing the chat
+    template's opening that every prompt shares. Both sample what generate samples."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
+    first.image_keys = ["s/full"]
+    other = _req(tiny_bundle, "Where is the dog?", IM2, seed=3, max_new_tokens=8)
+    other.image_keys = ["t/full"]
+    eng.submit(first, "t1")
+    eng.submit(other, "o")
+    got, _ = _drain(eng)
+    c1 = got["t1"][0]
+    obs = tiny_bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
+                                "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    second = GenerationRequest(first.prompt_ids + c1.token_ids + obs, [IM1, IM2],
+                               SamplingParams(seed=2, max_new_tokens=10), image_keys=["s/full", "s/crop-1"])
+    mate = GenerationRequest(first.prompt_ids, [IM1], SamplingParams(seed=9, max_new_tokens=6),
+                             image_keys=["s/full"])
+    eng.submit(mate, "mate")  # queued first
+    eng.submit(second, "t2")
+    got, _ = _drain(eng)
+    assert eng.prefills == 2  # both rows in one prefill
+    _, grid = eng.encode_images(first.images)
+    full = eng.expand(first.prompt_ids, grid)
+    start = full.index(eng.image_token_id)  # the opening before the first image: what any other prompt shares
+    assert eng.reused_tokens == len(full) + len(c1.token_ids) + start
+    gen = HFEngine(tiny_bundle)
+    assert got["t2"][0].token_ids == gen.generate([second])[0][0].token_ids
+    assert got["mate"][0].token_ids == gen.generate([mate])[0][0].token_ids
+
+
 def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bundle):
     """A slot's cached keys and values were computed with the weights of their time: after an in-place update (an
     optimizer step, a weight sync) the next turn is prefilled afresh, and samples what generate samples now, even
