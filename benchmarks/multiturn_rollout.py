@@ -379,6 +379,7 @@ def main() -> None:
         eps = episodes(subset)
         reused = getattr(engine, "reused_tokens", None)
         prefills0 = getattr(engine, "prefills", 0)
+        fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
         phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -397,6 +398,9 @@ def main() -> None:
         if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
             out["reused_prompt_tokens"] = engine.reused_tokens - reused
             out["prefill_forwards"] = engine.prefills - prefills0
+            # prompt tokens the prefills fed, and with their left padding (every row as long as the longest)
+            out["prefill_tokens"] = engine.prefill_tokens[0] - fed0[0]
+            out["prefill_tokens_padded"] = engine.prefill_tokens[1] - fed0[1]
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

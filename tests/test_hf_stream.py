@@ -285,6 +285,9 @@ def test_a_next_turn_keeps_its_slot_when_an_earlier_request_shares_its_image(tin
     full = eng.expand(first.prompt_ids, grid)
     start = full.index(eng.image_token_id)  # the opening before the first image: what any other prompt shares
     assert eng.reused_tokens == len(full) + len(c1.token_ids) + start
+    # every prompt token was either reused or fed; the padding counter adds the left padding of each prefill
+    prompts = sum(len(eng.expand(r.prompt_ids, eng.encode_images(r.images)[1])) for r in (first, other, mate, second))
+    assert eng.prefill_tokens[0] + eng.reused_tokens == prompts and eng.prefill_tokens[1] >= eng.prefill_tokens[0]
     gen = HFEngine(tiny_bundle)
     assert got["t2"][0].token_ids == gen.generate([second])[0][0].token_ids
     assert got["mate"][0].token_ids == gen.generate([mate])[0][0].token_ids

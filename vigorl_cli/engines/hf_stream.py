@@ -168,6 +168,7 @@ class HFStreamingEngine(HFEngine):
         self._parked: dict[int, _Parked] = {}  # free slots whose cache may serve an episode's next turn
         self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a parked prefix (tests, benchmarks)
         self.prefills = 0  # prefill forwards so far
+        self.prefill_tokens = [0, 0]  # prompt tokens prefilled so far: [fed, fed + left padding]
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         # launch the next decode chunk before poll returns (see poll); only worth it where the device runs
         # asynchronously to the host
@@ -467,6 +468,8 @@ class HFStreamingEngine(HFEngine):
             self._rows[t[0]] = _Row(t[1], t[3], t[7], t[2].params, t[5].ids, t[5].keys, version)
         self.reused_tokens += sum(t[6] for t in todo)
         self.prefills += 1
+        self.prefill_tokens[0] += sum(news)
+        self.prefill_tokens[1] += n * W
 
     def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
         """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
