@@ -280,6 +280,8 @@ def main() -> None:
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
                     help="hf: extra no-barrier runs with engine attributes changed, e.g. "
                          "'pipeline=false;prefill_min=4,PREFILL_WAIT=2' (each compared with the same turn-sync run)")
+    ap.add_argument("--skip-sync", action="store_true",
+                    help="run only the no-barrier loop (and --nb-variants): its schedule, steps and prefills")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not 0 <= args.max_calls <= 3:
@@ -379,6 +381,7 @@ def main() -> None:
         eps = episodes(subset)
         reused = getattr(engine, "reused_tokens", None)
         prefills0 = getattr(engine, "prefills", 0)
+        steps0 = getattr(engine, "decode_steps", 0)
         fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
         phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
         if torch.cuda.is_available():
@@ -398,6 +401,7 @@ def main() -> None:
         if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
             out["reused_prompt_tokens"] = engine.reused_tokens - reused
             out["prefill_forwards"] = engine.prefills - prefills0
+            out["decode_steps"] = engine.decode_steps - steps0
             # prompt tokens the prefills fed, and with their left padding (every row as long as the longest)
             out["prefill_tokens"] = engine.prefill_tokens[0] - fed0[0]
             out["prefill_tokens_padded"] = engine.prefill_tokens[1] - fed0[1]
@@ -414,21 +418,26 @@ def main() -> None:
 
     # warm-up (kernels, graphs, image encoder), not timed
     run("warmup", True, keys[:4])
-    run("warmup", False, keys[:4])
-    sync, eps_sync = run("turn_synchronous", False, keys)
+    if not args.skip_sync:
+        run("warmup", False, keys[:4])
+    sync, eps_sync = run("turn_synchronous", False, keys) if not args.skip_sync else (None, [])
     ours, eps_ours = run("no_barrier", True, keys)
+
+    def speedup(res):
+        return round(res["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2) if sync else None
+
     same = sum(snapshot(a) == snapshot(b) for a, b in zip(eps_sync, eps_ours))
-    identical = len(eps_sync) == len(eps_ours) == same
-    final = {"benchmark": "multiturn_rollout", "model": sync["model"], "device": dev, "engine": args.engine,
+    identical = len(eps_sync) == len(eps_ours) == same if sync else None
+    final = {"benchmark": "multiturn_rollout", "model": ours["model"], "device": dev, "engine": args.engine,
              "vllm": version,
              "settings": {k: getattr(args, k) for k in ("episodes", "group", "max_calls", "min_tokens", "max_tokens",
                                                         "long_tail", "max_pixels", "max_model_len", "max_num_seqs", "seed",
                                                         "slots")},
-             "identical_fraction": round(same / max(1, len(eps_sync)), 3),
+             "identical_fraction": round(same / max(1, len(eps_sync)), 3) if sync else None,
              "decode_step_bound": (step_bounds(plan, keys, args.slots, engines[False]._decoder.CHECK_EVERY)
                                    if args.engine == "hf" else None),
              "results": {"turn_synchronous": sync, "no_barrier": ours}, "identical_episodes": identical,
-             "speedup_episodes_per_s": round(ours["episodes_per_s"] / max(1e-9, sync["episodes_per_s"]), 2)}
+             "speedup_episodes_per_s": speedup(ours)}
     variants = parse_variants(args.nb_variants) if args.engine == "hf" else []
     if variants:
         final["variants"] = []
@@ -448,8 +457,7 @@ def main() -> None:
             final["variants"].append({"set": v, "result": res,
                                       "identical_to_no_barrier": all(snapshot(a) == snapshot(b)
                                                                      for a, b in zip(eps_ours, eps_v)),
-                                      "speedup_episodes_per_s": round(res["episodes_per_s"]
-                                                                      / max(1e-9, sync["episodes_per_s"]), 2)})
+                                      "speedup_episodes_per_s": speedup(res)})
     print(json.dumps(final), flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, record_function
@@ -474,7 +482,7 @@ def main() -> None:
         e.close()
     # vLLM samples each request the same in either loop; the HF engines do on CPU (fp32), while on a GPU two bf16
     # batch layouts can flip a near-tie of a random-weight model, after which an episode diverges
-    if not identical and (args.engine == "vllm" or not torch.cuda.is_available()):
+    if identical is False and (args.engine == "vllm" or not torch.cuda.is_available()):
         raise SystemExit("the two loops produced different episodes")
 
 

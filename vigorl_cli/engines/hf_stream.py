@@ -169,6 +169,7 @@ class HFStreamingEngine(HFEngine):
         self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a parked prefix (tests, benchmarks)
         self.prefills = 0  # prefill forwards so far
         self.prefill_tokens = [0, 0]  # prompt tokens prefilled so far: [fed, fed + left padding]
+        self.decode_steps = 0  # decode steps of all slots together so far
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         # launch the next decode chunk before poll returns (see poll); only worth it where the device runs
         # asynchronously to the host
@@ -583,6 +584,7 @@ class HFStreamingEngine(HFEngine):
             self._graphs, self._eager_steps = {}, 0
         width = self._read_width(n)
         self._st["cache"].width = width
+        self.decode_steps += n
         with decode_attention(self.model):
             k = 0
             while k < n:
