@@ -280,6 +280,11 @@ def main() -> None:
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
                     help="hf: extra no-barrier runs with engine attributes changed, e.g. "
                          "'pipeline=false;prefill_min=4,PREFILL_WAIT=2' (each compared with the same turn-sync run)")
+    ap.add_argument("--compile", action="store_true",
+                    help="hf: model.compile's regional compile of the norms and MLPs (what GRPO's rollout copy gets "
+                         "with model.compile), for both loops")
+    ap.add_argument("--vision-attention", default="auto", choices=("auto", "hf", "batched", "varlen"),
+                    help="hf: model.vision_attention for both loops")
     ap.add_argument("--skip-sync", action="store_true",
                     help="run only the no-barrier loop (and --nb-variants): its schedule, steps and prefills")
     ap.add_argument("--json", default=None)
@@ -335,7 +340,11 @@ def main() -> None:
         from vigorl_cli.engines.hf_stream import HFStreamingEngine
         from vigorl_cli.models.load import load_model
 
-        bundle = load_model(path, dtype=dtype, max_pixels=args.max_pixels)
+        bundle = load_model(path, dtype=dtype, max_pixels=args.max_pixels, vision_attention=args.vision_attention)
+        if args.compile:
+            from vigorl_cli.models.compile import compile_blocks
+
+            compile_blocks(bundle.model)
         engines = {False: HFEngine(bundle, batch_size=args.slots, seed=args.seed, static_cache=True),
                    True: HFStreamingEngine(bundle, batch_size=args.slots, seed=args.seed,
                                            cache_len=args.max_model_len, max_new_cap=args.max_tokens)}
@@ -432,7 +441,7 @@ def main() -> None:
              "vllm": version,
              "settings": {k: getattr(args, k) for k in ("episodes", "group", "max_calls", "min_tokens", "max_tokens",
                                                         "long_tail", "max_pixels", "max_model_len", "max_num_seqs", "seed",
-                                                        "slots")},
+                                                        "slots", "compile", "vision_attention")},
              "identical_fraction": round(same / max(1, len(eps_sync)), 3) if sync else None,
              "decode_step_bound": (step_bounds(plan, keys, args.slots, engines[False]._decoder.CHECK_EVERY)
                                    if args.engine == "hf" else None),
