@@ -225,10 +225,7 @@ def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
         got.update(eng.poll())
     assert eng._chunk  # the long request decodes on in a chunk launched before poll returned
     c1 = got["t1"][0]
-    obs = tiny_bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
-                                "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    second = GenerationRequest(first.prompt_ids + c1.token_ids + obs, [IM1, IM2],
-                               SamplingParams(seed=2, max_new_tokens=10), image_keys=["s/full", "s/crop-1"])
+    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
     eng.poll()  # one more chunk with the parked slot idle
     eng.submit(second, "t2")
     rest, _ = _drain(eng)
@@ -271,10 +268,7 @@ def test_a_next_turn_keeps_its_slot_when_an_earlier_request_shares_its_image(tin
     eng.submit(other, "o")
     got, _ = _drain(eng)
     c1 = got["t1"][0]
-    obs = tiny_bundle.tokenizer("<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>look"
-                                "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    second = GenerationRequest(first.prompt_ids + c1.token_ids + obs, [IM1, IM2],
-                               SamplingParams(seed=2, max_new_tokens=10), image_keys=["s/full", "s/crop-1"])
+    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
     mate = GenerationRequest(first.prompt_ids, [IM1], SamplingParams(seed=9, max_new_tokens=6),
                              image_keys=["s/full"])
     eng.submit(mate, "mate")  # queued first
