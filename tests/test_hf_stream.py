@@ -462,3 +462,25 @@ def test_a_long_queue_is_prefilled_in_batches_not_one_slot_at_a_time(tiny_bundle
     assert len(log) < 20  # one slot at a time would take ~32
     want = HFEngine(tiny_bundle, batch_size=40).generate(reqs)
     assert all(got[i][0].token_ids == want[i][0].token_ids for i in range(40))
+
+
+def test_multiturn_benchmark_step_bounds_by_hand():
+    """benchmarks/multiturn_rollout.py's decode-step bounds on hand-made plans: the turn-synchronous loop pays each
+    batch's longest turn (rounded up to the check interval) per round; the no-barrier loop at least total / slots
+    and its longest episode, and, with episodes started in order as slots free up, the schedule's tail."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtr", ROOT / "benchmarks" / "multiturn_rollout.py")
+    mtr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mtr)
+    keys = ["a", "b", "c"]
+    plan = {"a": (1, [4, 8]), "b": (0, [2]), "c": (0, [6])}
+    got = mtr.step_bounds(plan, keys, slots=2, check=4)
+    # round 0: [4, 2] -> 4, [6] -> 8; round 1: [8] -> 8.  total 20 tokens / 2 slots = 10 < longest episode 12.
+    # in order: a on slot 1 until 12, b on slot 2 until 2, c there until 8 -> 12
+    assert got == {"turn_synchronous_steps": 20, "no_barrier_steps": 12, "ratio": 1.67,
+                   "no_barrier_in_order_steps": 12, "ratio_in_order": 1.67}
+    plan = {"a": (0, [2]), "b": (0, [2]), "c": (0, [10])}  # the long episode starts last: the tail
+    got = mtr.step_bounds(plan, keys, slots=2, check=1)
+    assert got["turn_synchronous_steps"] == 12 and got["no_barrier_steps"] == 10
+    assert got["no_barrier_in_order_steps"] == 12 and got["ratio_in_order"] == 1.0
