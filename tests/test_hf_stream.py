@@ -287,6 +287,30 @@ def test_a_next_turn_keeps_its_slot_when_an_earlier_request_shares_its_image(tin
     assert got["mate"][0].token_ids == gen.generate([mate])[0][0].token_ids
 
 
+def test_waiting_requests_are_not_prepared_before_they_can_be_placed(tiny_bundle, monkeypatch):
+    """A long queue of first turns (a GRPO rollout submits every episode at once) is not image-processed while it
+    waits: the continuation search only prepares requests whose first image a parked slot holds, so pixels are
+    processed as requests are placed (the queue would otherwise hold every episode's pixel tensor at once)."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=1, cache_len=1024, max_new_cap=16)
+    reqs = []
+    for i in range(6):
+        r = _req(tiny_bundle, f"question {i}?", IM1 if i % 2 else IM2, seed=i, max_new_tokens=4)
+        r.image_keys = [f"e{i}/full"]
+        reqs.append(r)
+        eng.submit(r, i)
+    processed = []
+    real = eng._process
+    monkeypatch.setattr(eng, "_process", lambda images: processed.append(len(images)) or real(images))
+    got = {}
+    for _ in range(2):  # the first request runs and parks; the second is placed in its slot
+        got.update(eng.poll())
+    assert sum(processed) == 2 and [e[4] for e in eng._queue] == [None] * 4
+    got.update(_drain(eng)[0])
+    assert sum(processed) == 6
+    gen = HFEngine(tiny_bundle)
+    assert all(got[i][0].token_ids == gen.generate([r])[0][0].token_ids for i, r in enumerate(reqs))
+
+
 def test_a_weight_update_between_turns_invalidates_the_cached_prefixes(tiny_bundle):
     """A slot's cached keys and values were computed with the weights of their time: after an in-place update (an
     optimizer step, a weight sync) the next turn is prefilled afresh, and samples what generate samples now, even

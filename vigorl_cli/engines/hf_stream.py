@@ -327,8 +327,7 @@ class HFStreamingEngine(HFEngine):
         if entry[4] is None:
             req = entry[1]
             try:
-                keys = [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
-                        for j, img in enumerate(req.images)]
+                keys = self._image_keys(req)
                 pixels: list[torch.Tensor | None] = [None] * len(keys)
                 todo = [j for j, k in enumerate(keys) if not (isinstance(k, str) and k in self._grids)]
                 fresh = dict(zip(todo, self._process([req.images[j] for j in todo])))
@@ -349,6 +348,12 @@ class HFStreamingEngine(HFEngine):
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 entry[4] = e
         return entry[4]
+
+    @staticmethod
+    def _image_keys(req: GenerationRequest) -> list:
+        """The identity of each of the request's images: its ``image_keys`` entry, else the image object itself."""
+        return [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
+                for j, img in enumerate(req.images)]
 
     def _process(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(pixels, grid row)`` per image, processed in one call."""
@@ -377,10 +382,13 @@ class HFStreamingEngine(HFEngine):
         for order, entry in enumerate(self._queue):
             if entry[3] != 0 or len(entry[2]) != 1 or not self._compatible(entry[1]):
                 continue
+            keys = self._image_keys(entry[1])
+            slots = by_image.get(keys[0], ()) if keys else self._parked
+            if not slots:
+                continue  # not prepared (its pixels processed) before it is placed: a long queue stays cheap
             prep = self._prepare(entry)
             if not self._fits(entry, prep):
                 continue
-            slots = by_image.get(prep.keys[0], ()) if prep.keys else self._parked
             for slot in slots:
                 n = self._reusable(prep, self._parked[slot])
                 if n >= self.MIN_REUSE:
