@@ -363,9 +363,12 @@ class HFStreamingEngine(HFEngine):
         sizes = grid.prod(-1).tolist()
         return list(zip(torch.split(pv, sizes), grid))
 
+    def _max_new(self, req: GenerationRequest) -> int:
+        return min(int(req.params.max_new_tokens), self.max_new_cap)
+
     def _fits(self, entry, prep) -> bool:
-        return not isinstance(prep, Exception) and \
-            len(prep.ids) + min(int(entry[1].params.max_new_tokens), self.max_new_cap) <= self.cache_len
+        """Whether the prepared prompt plus its token limit fits a slot (else :meth:`_prefill` fails the request)."""
+        return not isinstance(prep, Exception) and len(prep.ids) + self._max_new(entry[1]) <= self.cache_len
 
     def _continuations(self) -> list[tuple[list, int, int]]:
         """``(queue entry, parked slot, reused tokens)`` for the waiting single-sample requests that continue a
@@ -421,7 +424,7 @@ class HFStreamingEngine(HFEngine):
                 self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
                 continue
             ids = prep.ids
-            max_new = min(int(req.params.max_new_tokens), self.max_new_cap)
+            max_new = self._max_new(req)
             if len(ids) + max_new > self.cache_len:
                 self._finish_row(group, k, Completion([], "", [], "error", None,
                                                       f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
