@@ -50,6 +50,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vigorl_cli.models.vision_attention import MODES as VISION_MODES
+
 
 class ScriptedToolUse:
     """Engine wrapper (``generate`` and ``submit``/``poll``) that scripts the tool decisions of a random model.
@@ -178,13 +180,38 @@ def snapshot(ep) -> tuple:
             tuple(si.key for si in ep.images))
 
 
-def time_phases(engine: Any) -> None:
-    """Wrap the engine's phase methods so that ``engine.bench_phases[name] = [seconds, calls]`` (device-synchronised
-    at each end, which costs a little overlap): where a loop's time goes."""
+def _timed(fn, name: str, sink):
+    """``fn`` wrapped to add its device-synchronised wall time to ``sink()[name] = [seconds, calls]``. Calls made while
+    a CUDA graph is being captured are not timed (a sync there would break the capture)."""
     import functools
 
     import torch
 
+    def capturing() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    @functools.wraps(fn)
+    def timed(*a, **kw):
+        sync = torch.cuda.is_available() and not capturing()
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            if sync:
+                torch.cuda.synchronize()
+            if not capturing():
+                acc = sink().setdefault(name, [0.0, 0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+
+    return timed
+
+
+def time_phases(engine: Any) -> None:
+    """Wrap the engine's phase methods so that ``engine.bench_phases[name] = [seconds, calls]`` (device-synchronised
+    at each end, which costs a little overlap): where a loop's time goes."""
     engine.bench_phases = {}
     targets = {"encode_images": engine, "_prefill": engine, "_advance": engine,
                "_collect": engine, "_prepare": engine}
@@ -193,56 +220,18 @@ def time_phases(engine: Any) -> None:
         targets.update({"generate": dec, "_decode": dec})
     for name, obj in targets.items():
         fn = getattr(obj, name, None)
-        if fn is None:
-            continue
-
-        def timed(*a, _fn=fn, _name=name, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                acc = engine.bench_phases.setdefault(_name, [0.0, 0])
-                acc[0] += time.perf_counter() - t
-                acc[1] += 1
-
-        setattr(obj, name, functools.wraps(fn)(timed))
+        if fn is not None:
+            setattr(obj, name, _timed(fn, name, lambda: engine.bench_phases))
 
 
 def time_modules(model: Any, sink) -> None:
-    """Time the vision tower's and the language model's forward calls (device-synchronised) into ``sink()["vision"]``
-    and ``sink()["language"]`` (``[seconds, calls]``): how a prefill splits. Calls made while a CUDA graph is being
-    captured are not timed (a sync there would break the capture); graph replays never call forward."""
-    import functools
-
-    import torch
-
+    """Time the vision tower's and the language model's forward calls into ``sink()["vision"]`` and
+    ``sink()["language"]``: how a prefill splits (graph replays never call forward)."""
     inner = getattr(model, "model", model)
     for name, attr in (("vision", "visual"), ("language", "language_model")):
         mod = getattr(inner, attr, None)
-        if mod is None:
-            continue
-        fn = mod.forward
-
-        def timed(*a, _fn=fn, _name=name, **kw):
-            cuda = torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                if cuda:
-                    torch.cuda.synchronize()
-                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-                    acc = sink().setdefault(_name, [0.0, 0])
-                    acc[0] += time.perf_counter() - t
-                    acc[1] += 1
-
-        mod.forward = functools.wraps(fn)(timed)
+        if mod is not None:
+            mod.forward = _timed(mod.forward, name, sink)
 
 
 def parse_variants(text: str | None) -> list[dict[str, Any]]:
@@ -295,7 +284,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="hf: model.compile's regional compile of the norms and MLPs (what GRPO's rollout copy gets "
                          "with model.compile), for both loops")
-    ap.add_argument("--vision-attention", default="auto", choices=("auto", "hf", "batched", "varlen"),
+    ap.add_argument("--vision-attention", default="auto", choices=VISION_MODES,
                     help="hf: model.vision_attention for both loops")
     ap.add_argument("--skip-sync", action="store_true",
                     help="run only the no-barrier loop (and --nb-variants): its schedule, steps and prefills")
@@ -366,7 +355,6 @@ def main() -> None:
         if args.phases:
             for e in engines.values():
                 time_phases(e)
-            active[0] = engines[True]
             time_modules(bundle.model, lambda: active[0].bench_phases)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
