@@ -414,6 +414,8 @@ def main() -> None:
             # prompt tokens the prefills fed, and with their left padding (every row as long as the longest)
             out["prefill_tokens"] = engine.prefill_tokens[0] - fed0[0]
             out["prefill_tokens_padded"] = engine.prefill_tokens[1] - fed0[1]
+            out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
+                                                                 "prefill_min", "PREFILL_WAIT", "CHECK_EVERY")}
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

@@ -111,12 +111,13 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline):
+@pytest.mark.parametrize("pipeline,overlap", [(False, False), (True, False), (False, True), (True, True)])
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap):
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
     random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
     ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
-    arriving meanwhile are prefilled after it."""
+    arriving meanwhile are prefilled after it; and with ``overlap`` (a GPU's default): a prefill's rows join the
+    decoding slots one chunk later, their slots decoding into the dump column meanwhile."""
     import random
 
     gen = HFEngine(tiny_bundle, batch_size=8)
@@ -124,8 +125,8 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
     for trial in range(3):
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
-        assert eng.pipeline is False  # CPU default
-        eng.pipeline = pipeline
+        assert eng.pipeline is False and eng.overlap is False  # CPU defaults
+        eng.pipeline, eng.overlap = pipeline, overlap
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
                      stop=rng.choice([(), ("e",), ("a", "o")]))
@@ -235,6 +236,51 @@ def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
     gen = HFEngine(tiny_bundle)
     assert got["t2"][0].token_ids == gen.generate([second])[0][0].token_ids
     assert got["long"][0].token_ids == gen.generate([long])[0][0].token_ids
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_an_overlapped_prefill_joins_after_a_chunk_and_leaves_its_slot_intact(tiny_bundle, monkeypatch, pipeline):
+    """``overlap`` (forced on CPU): a request that arrives while another decodes is prefilled at once, but its row
+    joins the decoding slots only at the first collect after its launch; the chunk in between steps its slot into
+    the dump column, not over the prompt it was prefilled with. A next turn prefilled that way continues its parked
+    prefix. Samples equal generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    eng.pipeline, eng.overlap = pipeline, True
+    chunks = []  # per collected chunk: which slots decoded a request, which slots a prefill held in flight
+    collect = eng._collect
+
+    def logged():
+        chunks.append(([i for i, r in enumerate(eng._rows) if r is not None],
+                       [t[0] for t in eng._pending.todo] if eng._pending else []))
+        collect()
+
+    monkeypatch.setattr(eng, "_collect", logged)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["s/full"]
+    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    eng.submit(long, "long")
+    eng.poll()  # nothing decodes yet: prefilled and joined at once
+    assert chunks[0] == ([0], [])
+    eng.submit(first, "t1")
+    got = {}
+    while "t1" not in got:
+        got.update(eng.poll())
+    pend = [c for c in chunks if c[1]]
+    assert pend and pend[0] == ([0], [1])  # t1's slot sat out a chunk while the long request decoded
+    assert all(1 in c[0] for c in chunks[chunks.index(pend[-1]) + 1:])  # then it decoded
+    c1 = got["t1"][0]
+    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
+    eng.submit(second, "t2")
+    rest, _ = _drain(eng)
+    got.update(rest)
+    _, grid = eng.encode_images(first.images)
+    assert eng.reused_tokens == len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
+    gen = HFEngine(tiny_bundle)
+    for tag, req in (("long", long), ("t1", first), ("t2", second)):
+        want = gen.generate([req])[0][0]
+        assert got[tag][0].token_ids == want.token_ids, tag
+        assert torch.allclose(torch.tensor(got[tag][0].logprobs), torch.tensor(want.logprobs), atol=1e-4), tag
+    assert eng._st["cache"].pos.tolist() == [eng.cache_len] * 2  # both free: at the dump column
 
 
 def test_common_prefix_and_reuse_cut_at_the_first_differing_image():

@@ -9,9 +9,12 @@ together, one CUDA graph per step on a GPU (forward, seeded sampling, recording)
 :mod:`~vigorl_cli.engines.static_decode` does for a batch, except that positions, cache slots, sampling counters and
 token limits are per slot, and attention reads the cache only up to a bucket past the longest busy slot (a graph per
 width). Every :attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token
-limit) and refills them, so an episode's next turn starts while the other episodes' turns are still decoding. A
-prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of the slots
-can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill.
+limit) and refills them, so an episode's next turn starts while the other episodes' turns are still decoding.
+On a GPU (:attr:`~HFStreamingEngine.overlap`) a prefill does not stall the decoding slots either: it runs on a side
+stream beside the decode chunks (which run on a high-priority stream), and its rows join the decoding slots at the
+first host check after it finished; meanwhile their slots decode into a dump column (:class:`SlotCache`). Without
+overlap a prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of
+the slots can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill.
 
 Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
 function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
@@ -67,8 +70,9 @@ class SlotCache:
     reads the whole cache (a mask says which positions each slot sees). Prefill (``rows`` and ``dst`` set): row ``b``
     of the batch is slot ``rows[b]``, and its column ``j`` is written at cache position ``dst[b, j]``, so a slot whose
     cache already holds an episode's earlier turns receives only the new tokens, after them; attention then reads
-    positions ``[0, read)`` of those slots (cached prefixes included). Padding columns are written to one extra
-    position past ``cache_len`` that no mask ever admits."""
+    positions ``[0, read)`` of those slots (cached prefixes included). Padding columns, and the decode steps of slots
+    without a request (a parked prefix, a prefill in flight on another stream), are written to one extra position
+    past ``cache_len`` (the dump column) that no busy slot's mask admits."""
 
     is_compileable = True
 
@@ -76,7 +80,8 @@ class SlotCache:
         self.slots, self.cache_len = slots, cache_len
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.pos = torch.zeros(slots, dtype=torch.long, device=device)  # decode: where each slot writes
+        # decode: where each slot writes; a slot without a request writes to the dump column
+        self.pos = torch.full((slots,), cache_len, dtype=torch.long, device=device)
         self.arange = torch.arange(slots, device=device)
         self.rows: torch.Tensor | None = None  # prefill: [n] the slots of the batch rows
         self.dst: torch.Tensor | None = None  # prefill: [n, W] where each column goes (cache_len = nowhere)
@@ -136,6 +141,18 @@ class _Prepared:
 
 
 @dataclass
+class _Pending:
+    """A launched prefill whose rows have not joined the decoding slots yet (:meth:`HFStreamingEngine._join`)."""
+
+    todo: list  # (slot, group, request, sample, seed, prepared, reused, max_new) per row
+    logits: torch.Tensor  # [rows, vocab] the last position's logits (computed on the prefill stream)
+    last_pos: torch.Tensor  # [rows] each row's last M-RoPE position (host)
+    version: int  # weight_version() at the prefill
+    event: Any  # a CUDA event recorded after the forward, or None (it ran synchronously)
+    collects: int  # host checks before its launch
+
+
+@dataclass
 class _Parked:
     """A finished slot whose cache still holds ``tokens`` (from position 0): the next turn of the same episode
     (its prompt extends these tokens) is prefilled from where they end."""
@@ -170,10 +187,19 @@ class HFStreamingEngine(HFEngine):
         self.prefills = 0  # prefill forwards so far
         self.prefill_tokens = [0, 0]  # prompt tokens prefilled so far: [fed, fed + left padding]
         self.decode_steps = 0  # decode steps of all slots together so far
-        self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         # launch the next decode chunk before poll returns (see poll); only worth it where the device runs
         # asynchronously to the host
         self.pipeline = self.model.device.type == "cuda"
+        # prefill on a side stream while the slots decode (see _prefill / _join); only on a GPU, where streams run
+        # concurrently (forced on CPU, a prefill's rows still join one chunk late: tests)
+        self.overlap = self.model.device.type == "cuda"
+        # rows worth a prefill while other slots decode (a prefill that does not stall them is worth one row)
+        self.prefill_min = 1 if self.overlap else max(1, self.slots // 4)
+        self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
+        self._streams: tuple = ()  # (priority, decode stream, prefill stream)
+        self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
+        self._pending: _Pending | None = None
+        self._collects = 0  # host checks so far
         self._chunk = False  # a launched chunk not collected yet
         self._polls = 0
         self._prefilled_at = 0  # the poll of the last prefill
@@ -208,12 +234,18 @@ class HFStreamingEngine(HFEngine):
         return self._n_in_flight
 
     def abort(self) -> None:
+        self._after_streams()  # what the caller does next (a weight update) waits for a chunk or prefill in flight
         self._queue.clear()
         self._rows = [None] * self.slots
         self._parked.clear()
         self._ready.clear()
         self._n_in_flight = 0
         self._chunk = False
+        self._pending = None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        self._after_streams()  # e.g. features a prefill in flight is still writing to the feature cache
+        return super().generate(requests)
 
     def poll(self) -> list[tuple[Any, list[Completion]]]:
         """Fill free slots, decode :attr:`CHECK_EVERY` steps, return the requests whose samples all finished.
@@ -221,23 +253,71 @@ class HFStreamingEngine(HFEngine):
         With :attr:`pipeline` (on a GPU), the next :attr:`CHECK_EVERY` steps are launched before returning, so the
         device decodes while the caller turns finished requests into new ones (parsing, cropping, tokenizing) and
         while the next :meth:`_fill` prepares its inputs; that chunk is collected by the next poll. Slots freed by
-        the last collect idle through it (every slot steps; a free slot's writes land past whatever it holds) and
-        the new requests are prefilled after it, in stream order."""
+        the last collect idle through it (a free slot decodes into :class:`SlotCache`'s dump column).
+
+        Without :attr:`overlap`, requests submitted since the last poll are prefilled after the chunk in flight, in
+        stream order, and decode in the next one. With it, they are prefilled on a side stream right after the next
+        chunk is launched (so the host's part of the prefill, image processing included, runs while the device
+        decodes), beside that chunk, and join the decoding slots at the first collect after their prefill finished."""
         self._polls += 1
         if not self._ready:
-            self._fill()
-            if any(r is not None for r in self._rows):
+            with self._decoding():
+                if not (self._chunk and self.overlap):
+                    self._fill()
                 if not self._chunk:
-                    self._advance(self.CHECK_EVERY)
-                self._collect()
-                self._chunk = False
-                if self.pipeline and any(r is not None for r in self._rows):
-                    self._advance(self.CHECK_EVERY)
-                    self._chunk = True
+                    self._join(block=not self._active())
+                    if self._active():
+                        self._advance(self.CHECK_EVERY)
+                        self._chunk = True
+                if self._chunk:
+                    self._collect()
+                    self._chunk = False
+                    self._join(block=not self._active())
+                    if self.pipeline and self._active():
+                        self._advance(self.CHECK_EVERY)
+                        self._chunk = True
+                        if self.overlap:
+                            self._fill()
         done = list(self._ready)
         self._ready.clear()
         self._n_in_flight -= len(done)
         return done
+
+    def _active(self) -> bool:
+        return any(r is not None for r in self._rows)
+
+    # -- streams (overlap on a GPU) -------------------------------------------------------------------------------
+    def _cuda_streams(self) -> tuple | None:
+        """``(decode stream, prefill stream)`` while overlapping on a GPU, else None."""
+        if not self.overlap or self.model.device.type != "cuda":
+            return None
+        if not self._streams or self._streams[0] != self.decode_priority:
+            dev = self.model.device
+            self._streams = (self.decode_priority, torch.cuda.Stream(dev, priority=self.decode_priority),
+                             torch.cuda.Stream(dev, priority=0))
+        return self._streams[1:]
+
+    @contextlib.contextmanager
+    def _decoding(self):
+        """Run the slots' work (decode chunks, host checks, joins) on the decode stream, after the caller's work."""
+        streams = self._cuda_streams()
+        if streams is None:
+            yield
+            return
+        self._caller = torch.cuda.current_stream(self.model.device)
+        streams[0].wait_stream(self._caller)
+        try:
+            with torch.cuda.stream(streams[0]):
+                yield
+        finally:
+            self._caller = None
+
+    def _after_streams(self) -> None:
+        """Order the current stream's next work after everything launched on the decode and prefill streams."""
+        if self._streams:
+            cur = torch.cuda.current_stream(self.model.device)
+            for stream in self._streams[1:]:
+                cur.wait_stream(stream)
 
     # -- slots ----------------------------------------------------------------------------------------------------
     def _state(self, device: torch.device) -> dict[str, Any]:
@@ -266,7 +346,7 @@ class HFStreamingEngine(HFEngine):
         take fresh slots (unparked ones first). While other slots decode, a prefill waits until a quarter of the
         slots can start or :attr:`PREFILL_WAIT` polls have passed since the last prefill: a prefill forward
         stalls every decoding slot, and one of many rows costs little more than one of a single row."""
-        if not self._queue:
+        if not self._queue or self._pending is not None:  # one prefill in flight at a time
             return
         busy = sum(r is not None for r in self._rows)
         if busy == 0:
@@ -457,31 +537,58 @@ class HFStreamingEngine(HFEngine):
         pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config),
                                torch.cat(grids_all) if grids_all else None)  # [3, n, Wf]
         last_pos = pos.masked_fill(~fvalid[None], -1).amax(dim=2).amax(dim=0)
-        pos, last_pos, feed, dst = (x.to(device) for x in (pos[:, :, Wf - W:], last_pos, feed, dst))
-        read = max(lens)
-        qpos = dst.masked_fill(dst == st["cache"].dump, 0)  # a padding query sees the slot's first key
-        see = torch.arange(read, device=device)[None, None] <= qpos[:, :, None]  # [n, W, read]: causal
-        extra, features = self._vision_inputs(todo, new_images, device)
-        rows = torch.tensor([t[0] for t in todo], dtype=torch.long, device=device)
-        cache = st["cache"]
-        cache.rows, cache.dst, cache.read = rows, dst, read
-        try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
-            with self._autocast(), fused_attention(device), features:
-                out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                 mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device), **extra)
-        finally:
-            cache.rows, cache.dst, cache.read = None, None, 0
-        ends = torch.tensor(lens, dtype=torch.long, device=device)
-        seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
-        self._start(rows, out.logits[:, -1], [t[4] for t in todo], [t[7] for t in todo], last_pos, ends, seen)
-        version = weight_version(self.model)
-        for t in todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[7], t[2].params, t[5].ids, t[5].keys, version)
+        streams = self._cuda_streams()
+        if streams is not None:  # beside the decode chunks, after the caller's work (weights)
+            streams[1].wait_stream(self._caller or torch.cuda.current_stream(device))
+        with torch.cuda.stream(streams[1]) if streams is not None else contextlib.nullcontext():
+            pos, feed, dst = (x.to(device) for x in (pos[:, :, Wf - W:], feed, dst))
+            read = max(lens)
+            qpos = dst.masked_fill(dst == st["cache"].dump, 0)  # a padding query sees the slot's first key
+            see = torch.arange(read, device=device)[None, None] <= qpos[:, :, None]  # [n, W, read]: causal
+            extra, features = self._vision_inputs(todo, new_images, device)
+            cache = st["cache"]
+            cache.rows, cache.dst, cache.read = torch.tensor([t[0] for t in todo], device=device), dst, read
+            try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
+                with self._autocast(), fused_attention(device), features:
+                    out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                     mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device),
+                                     **extra)
+            finally:
+                cache.rows, cache.dst, cache.read = None, None, 0
+            event = torch.cuda.Event() if streams is not None else None
+            if event is not None:
+                event.record(streams[1])
+        self._pending = _Pending(todo, out.logits[:, -1], last_pos, weight_version(self.model), event,
+                                 self._collects)
         self.reused_tokens += sum(t[6] for t in todo)
         self.prefills += 1
         self.prefill_tokens[0] += sum(news)
         self.prefill_tokens[1] += n * W
+        if not self.overlap:
+            self._join(block=True)
+
+    def _join(self, block: bool) -> None:
+        """Start the rows of the prefill in flight (sample their first token, set their decode state): now if
+        ``block`` (on the decode stream, after the prefill stream's forward), else only if a host check (collect)
+        came since its launch and its forward has finished. Until then its slots decode into the dump column."""
+        p = self._pending
+        if p is None or not block and (self._collects == p.collects or
+                                       (p.event is not None and not p.event.query())):
+            return
+        self._pending = None
+        device = self.model.device
+        if p.event is not None:
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(p.event)
+            p.logits.record_stream(stream)  # allocated on the prefill stream, read on this one
+        rows = torch.tensor([t[0] for t in p.todo], dtype=torch.long, device=device)
+        ends = torch.tensor([len(t[5].ids) for t in p.todo], dtype=torch.long, device=device)
+        seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
+        self._start(rows, p.logits, [t[4] for t in p.todo], [t[7] for t in p.todo], p.last_pos.to(device), ends,
+                    seen)
+        for t in p.todo:
+            self._rows[t[0]] = _Row(t[1], t[3], t[7], t[2].params, t[5].ids, t[5].keys, p.version)
 
     def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
         """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
@@ -573,7 +680,7 @@ class HFStreamingEngine(HFEngine):
         st["done"] |= (chosen[:, None] == st["eos"][None, :]).any(-1) | (st["step"] + 1 >= st["limit"])
         st["tok"].copy_(chosen[:, None])
         st["pos"].add_(1)
-        cache.pos.add_(1).clamp_(max=self.cache_len - 1)
+        cache.pos.add_(1).clamp_(max=self.cache_len)  # past the end: the dump column
 
     READ_BUCKET = 512  # decode attention reads the cache up to a multiple of this (0: always the whole cache)
 
@@ -625,12 +732,14 @@ class HFStreamingEngine(HFEngine):
     def _collect(self) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
         st = self._st
+        self._collects += 1
         done = st["done"].tolist()
         steps = st["step"].tolist()
         active = [i for i, r in enumerate(self._rows) if r is not None]
         width = max((steps[i] for i in active), default=0) + 1  # columns written so far (not the whole buffer)
         toks = st["out_tok"][active, :width].tolist() if active else []
         lps = st["out_lp"][active, :width].tolist() if active else []
+        freed = []
         for j, slot in enumerate(active):
             row = self._rows[slot]
             row.steps = steps[slot]
@@ -642,11 +751,14 @@ class HFStreamingEngine(HFEngine):
                 continue
             comp = self._finish(tokens, lps[j][:n], row.params)
             self._rows[slot] = None
+            freed.append(slot)
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
             fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - len(row.prompt))]
             self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version)
             self._finish_row(row.group, row.index, comp)
+        if freed:  # from the next step on, what they hold stays intact (a next turn, or a prefill beside the decode)
+            st["cache"].pos[freed] = st["cache"].dump
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
         group["out"][k] = comp
