@@ -224,6 +224,62 @@ def time_phases(engine: Any) -> None:
             setattr(obj, name, _timed(fn, name, lambda: engine.bench_phases))
 
 
+def time_streams(engine: Any) -> None:
+    """Wrap the engine's phase methods to add to ``engine.bench_streams[name]`` their host time and their device
+    time (CUDA events on the stream the method's work runs on: a prefill's on the prefill stream while it overlaps
+    the decode) **without** synchronising, so overlap stays as it is: whether a loop is bound by the host or by the
+    device, and how much slower decode chunks run beside prefills. :func:`stream_times` reads them."""
+    import functools
+
+    import torch
+
+    engine.bench_streams = {}
+
+    def prefill_stream():
+        streams = engine._cuda_streams() if hasattr(engine, "_cuda_streams") else None
+        return streams[1] if streams else torch.cuda.current_stream()
+
+    for name, stream_of in (("poll", None), ("_fill", None), ("_collect", None), ("_prepare", None),
+                            ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream)):
+        fn = getattr(engine, name, None)
+        if fn is None:
+            continue
+
+        @functools.wraps(fn)
+        def timed(*a, _fn=fn, _name=name, _stream=stream_of, **kw):
+            rec = engine.bench_streams.setdefault(_name, {"host_s": 0.0, "calls": 0, "events": []})
+            ev = None
+            if _stream is not None and torch.cuda.is_available():
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), _stream())
+                ev[0].record(ev[2])
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                rec["host_s"] += time.perf_counter() - t
+                rec["calls"] += 1
+                if ev is not None:
+                    ev[1].record(ev[2])
+                    rec["events"].append(ev[:2])
+
+        setattr(engine, name, timed)
+
+
+def stream_times(engine: Any) -> dict:
+    """``{name: {"host_s", "device_s", "calls"}}`` since the last call (device time where events were recorded)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = {}
+    for name, rec in getattr(engine, "bench_streams", {}).items():
+        out[name] = {"host_s": round(rec["host_s"], 3), "calls": rec["calls"]}
+        if rec["events"]:
+            out[name]["device_s"] = round(sum(a.elapsed_time(b) for a, b in rec["events"]) / 1000, 3)
+        rec.update(host_s=0.0, calls=0, events=[])
+    return out
+
+
 def time_modules(model: Any, sink) -> None:
     """Time the vision tower's and the language model's forward calls into ``sink()["vision"]`` and
     ``sink()["language"]``: how a prefill splits (graph replays never call forward)."""
@@ -276,6 +332,9 @@ def main() -> None:
                     help="hf continuous batching: HFStreamingEngine.READ_BUCKET (0: decode reads the whole cache)")
     ap.add_argument("--phases", action="store_true",
                     help="hf: time the engines' phases (prefill, decode, host checks; a device sync at each end)")
+    ap.add_argument("--gpu-times", action="store_true",
+                    help="hf no-barrier: host and device time of poll / fill / prefill / decode chunks / collect, "
+                         "from CUDA events without syncs (overlap intact)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the timed runs, profile the no-barrier loop on N episodes (torch.profiler tables)")
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
@@ -356,6 +415,10 @@ def main() -> None:
             for e in engines.values():
                 time_phases(e)
             time_modules(bundle.model, lambda: active[0].bench_phases)
+        if args.gpu_times:
+            if args.phases:
+                raise SystemExit("--gpu-times and --phases exclude each other (--phases synchronises the device)")
+            time_streams(engines[True])
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
     samples = read_samples(root / args.data).samples[:n_prompts]
@@ -393,6 +456,10 @@ def main() -> None:
         steps0 = getattr(engine, "decode_steps", 0)
         fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
         phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
+        for cache in ("_features", "_grids"):  # each run starts cold, as a rollout of new prompts does
+            getattr(engine, cache, {}).clear()
+        if args.gpu_times:
+            stream_times(engine)  # reset
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -420,6 +487,8 @@ def main() -> None:
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)
             out["capture_error"] = getattr(dec, "capture_error", None)
+        if args.gpu_times:
+            out["stream_times"] = stream_times(engine)
         if args.phases:
             now = engine.bench_phases
             out["phases"] = {k: [round(now[k][0] - phases0.get(k, (0, 0))[0], 3), now[k][1] - phases0.get(k, (0, 0))[1]]

@@ -283,6 +283,37 @@ def test_an_overlapped_prefill_joins_after_a_chunk_and_leaves_its_slot_intact(ti
     assert eng._st["cache"].pos.tolist() == [eng.cache_len] * 2  # both free: at the dump column
 
 
+def test_with_overlap_a_freed_slot_waits_one_poll_for_its_episodes_next_turn(tiny_bundle):
+    """With ``overlap`` the fill runs after the collect, in the poll that frees a slot, before the caller could
+    submit that episode's next turn: a fresh request waiting in the queue must not take the slot then. The next turn,
+    submitted after that poll, continues the slot's cached prefix; the fresh request starts later. Samples equal
+    generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    eng.pipeline, eng.overlap, eng.prefill_min = True, True, 1
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["s/full"]
+    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    fresh = _req(tiny_bundle, "count the boxes", IM2, seed=7, max_new_tokens=5)
+    eng.submit(long, "long")
+    eng.submit(first, "t1")
+    eng.submit(fresh, "fresh")  # waits: both slots busy
+    got = {}
+    while "t1" not in got:
+        got.update(eng.poll())
+    assert eng._pending is None and "fresh" not in got  # the freed slot was held, not prefilled for "fresh"
+    c1 = got["t1"][0]
+    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
+    eng.submit(second, "t2")
+    rest, _ = _drain(eng)
+    got.update(rest)
+    _, grid = eng.encode_images(first.images)
+    history = len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
+    assert eng.reused_tokens >= history  # t2 continued t1's slot (fresh may reuse a chat-template opening too)
+    gen = HFEngine(tiny_bundle)
+    for tag, req in (("long", long), ("t1", first), ("t2", second), ("fresh", fresh)):
+        assert got[tag][0].token_ids == gen.generate([req])[0][0].token_ids, tag
+
+
 def test_common_prefix_and_reuse_cut_at_the_first_differing_image():
     from vigorl_cli.engines.hf_stream import _Parked, _Prepared, common_prefix
 

@@ -160,6 +160,7 @@ class _Parked:
     tokens: list[int]
     image_keys: list
     version: int  # the weights' in-place version (``weight_version``) its keys and values were computed with
+    poll: int = 0  # the poll that freed it
 
 
 class HFStreamingEngine(HFEngine):
@@ -193,8 +194,7 @@ class HFStreamingEngine(HFEngine):
         # prefill on a side stream while the slots decode (see _prefill / _join); only on a GPU, where streams run
         # concurrently (forced on CPU, a prefill's rows still join one chunk late: tests)
         self.overlap = self.model.device.type == "cuda"
-        # rows worth a prefill while other slots decode (a prefill that does not stall them is worth one row)
-        self.prefill_min = 1 if self.overlap else max(1, self.slots // 4)
+        self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
@@ -366,8 +366,10 @@ class HFStreamingEngine(HFEngine):
             entry[3] = 1
             self._queue.remove(entry)
         taken = {it[0] for it in items}
+        # parked slots last: their episode may come back; not before the caller has seen the poll that freed them
+        # (with overlap this fill runs in that poll, after the collect: the episode's next turn is not submitted yet)
         free = ([i for i in free if i not in taken and i not in self._parked]
-                + [i for i in self._parked if i not in taken])  # parked slots last: their episode may come back
+                + [i for i, pk in self._parked.items() if i not in taken and pk.poll < self._polls])
         used = 0
         while self._queue and used < len(free):
             entry = self._queue[0]
@@ -755,7 +757,7 @@ class HFStreamingEngine(HFEngine):
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
             fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - len(row.prompt))]
-            self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version)
+            self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version, self._polls)
             self._finish_row(row.group, row.index, comp)
         if freed:  # from the next step on, what they hold stays intact (a next turn, or a prefill beside the decode)
             st["cache"].pos[freed] = st["cache"].dump
