@@ -273,15 +273,15 @@ class HFEngine:
             self._features.popitem(last=False)
 
     def _sharing(self, ukeys: list[Any], grid_u: torch.Tensor, occ: list[int],
-                 known: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+                 known: dict[int, tuple[torch.Tensor, torch.Tensor]], check: bool = True):
         """The context of a forward that sees each distinct image once (``grid_u``, one row per distinct image;
         ``occ``: occurrence → distinct image), takes the ``known`` ones from the feature cache and remembers the
         others (models/load.py ``shared_image_features``)."""
         def remember(u: int, feats: torch.Tensor) -> None:
             self._remember_features(ukeys[u], feats, grid_u[u])
 
-        return shared_image_features(self.model, grid_u.to(device), occ, known={u: f for u, (f, _) in known.items()},
-                                     on_encoded=remember)
+        return shared_image_features(self.model, grid_u, occ, known={u: f for u, (f, _) in known.items()},
+                                     on_encoded=remember, check=check)
 
     def expand(self, prompt_ids: list[int], grid: torch.Tensor | None) -> list[int]:
         """One placeholder per image → as many as the image has merged patches."""
@@ -365,7 +365,7 @@ class HFEngine:
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
-        shared = self._sharing(ukeys, grid_u, occ, known, device) if pix and share else contextlib.nullcontext()
+        shared = self._sharing(ukeys, grid_u, occ, known) if pix and share else contextlib.nullcontext()
         # static cache: bucketed lengths, so later calls of the batch size reuse the captured / compiled graphs
         cache_len = -(-(width + params.max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
         if self._decoder is not None:  # engine.static_cache: our decode loop, one CUDA graph per step

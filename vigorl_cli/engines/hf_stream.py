@@ -614,7 +614,9 @@ class HFStreamingEngine(HFEngine):
         extra = {"pixel_values": pv.to(device, dtype=self.model.dtype), "image_grid_thw": grid_occ.to(device)}
         if not share:
             return extra, contextlib.nullcontext()
-        return extra, self._sharing(ukeys, grid_occ[first], occ, known, device)
+        # no placeholder-count check: ids were expanded from these grids, and its host sync would block the host
+        # while the prefill runs beside the decode
+        return extra, self._sharing(ukeys, grid_occ[first], occ, known, check=False)
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
                last_pos: torch.Tensor, cur: torch.Tensor, mask_rows: torch.Tensor) -> None:

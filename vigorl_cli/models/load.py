@@ -252,7 +252,7 @@ def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
 
 @contextlib.contextmanager
 def shared_image_features(model: Any, grid_unique, occurrence: list[int], known: dict[int, Any] | None = None,
-                          on_encoded: Callable[[int, Any], None] | None = None):
+                          on_encoded: Callable[[int, Any], None] | None = None, check: bool = True):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
     per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct
     images and hands back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple
@@ -261,17 +261,24 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
 
     ``known``: features of some distinct images, by index, computed earlier (the HF engine's feature cache): the
     pixels handed to the model are then those of the other distinct images only, in order (an empty tensor when all
-    are known), and only those are encoded; ``on_encoded(index, features)`` sees each freshly encoded one."""
+    are known), and only those are encoded; ``on_encoded(index, features)`` sees each freshly encoded one.
+
+    No host sync waits for the vision tower: HF's ``get_image_features`` splits the tower's output by sizes read from
+    the grid (``.tolist()``), which on a GPU would wait for the whole tower; it gets the grid on the host here (the
+    tower itself receives it on its device). ``check=False`` also skips the placeholder-count check that follows
+    (another such wait), for callers that built the placeholders from these grids (the streaming engine, whose
+    prefills run beside decode on another stream and must not block the host)."""
     core = model.model
     original = core.get_image_features
     index = list(occurrence)
     known = known or {}
-    todo = [u for u in range(int(grid_unique.shape[0])) if u not in known]
+    grid_host = grid_unique.detach().cpu()  # a sync here costs nothing: the forward has not started
+    todo = [u for u in range(int(grid_host.shape[0])) if u not in known]
 
     def shared(pixel_values, image_grid_thw=None, **kw):
         out, fresh = None, []
         if todo:
-            out = original(pixel_values, grid_unique[todo], **kw)
+            out = original(pixel_values, grid_host[todo], **kw)
             fresh = list(out.pooler_output if hasattr(out, "pooler_output") else out)
             if on_encoded is not None:
                 for u, f in zip(todo, fresh):
@@ -287,8 +294,30 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
             return out
         return per_occ
 
+    visual = core.visual
+    tower = visual.forward
+
+    def on_device(hidden_states, *args, **kw):  # the tower computes with the grid: on the pixels' device
+        if args:
+            args = (args[0].to(hidden_states.device), *args[1:])
+        elif kw.get("grid_thw") is not None:
+            kw["grid_thw"] = kw["grid_thw"].to(hidden_states.device)
+        return tower(hidden_states, *args, **kw)
+
+    def unchecked(input_ids, inputs_embeds=None, image_features=None, video_features=None, **kw):
+        return type(core).get_placeholder_mask(core, input_ids, inputs_embeds=inputs_embeds, **kw)
+
+    saved = {name: obj.__dict__[name] for obj, name in ((visual, "forward"), (core, "get_placeholder_mask"))
+             if name in obj.__dict__}  # instance overrides already there (timers) come back afterwards
     core.get_image_features = shared
+    visual.forward = on_device
+    if not check and hasattr(type(core), "get_placeholder_mask"):
+        core.get_placeholder_mask = unchecked
     try:
         yield
     finally:
         del core.get_image_features  # back to the class method
+        for obj, name in ((visual, "forward"), (core, "get_placeholder_mask")):
+            obj.__dict__.pop(name, None)
+            if name in saved:
+                obj.__dict__[name] = saved[name]
