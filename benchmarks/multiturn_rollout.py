@@ -265,6 +265,35 @@ def time_streams(engine: Any) -> None:
         setattr(engine, name, timed)
 
 
+def sync_sites(engine: Any) -> None:
+    """Count the host syncs inside the no-barrier engine's prefills by source line (``torch.cuda`` sync debug mode):
+    ``engine.bench_syncs[(file:line)]``. A sync there blocks the host until the prefill's queued device work is done,
+    which with ``overlap`` stalls the next decode chunk's launch."""
+    import collections
+    import functools
+    import warnings
+
+    import torch
+
+    engine.bench_syncs = collections.Counter()
+    fn = engine._prefill
+
+    @functools.wraps(fn)
+    def watched(*a, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(1)
+            try:
+                return fn(*a, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                for w in caught:
+                    if "synchroniz" in str(w.message):
+                        engine.bench_syncs[f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}"] += 1
+
+    engine._prefill = watched
+
+
 def stream_times(engine: Any) -> dict:
     """``{name: {"host_s", "device_s", "calls"}}`` since the last call (device time where events were recorded)."""
     import torch
@@ -335,6 +364,8 @@ def main() -> None:
     ap.add_argument("--gpu-times", action="store_true",
                     help="hf no-barrier: host and device time of poll / fill / prefill / decode chunks / collect, "
                          "from CUDA events without syncs (overlap intact)")
+    ap.add_argument("--sync-sites", action="store_true",
+                    help="hf no-barrier on a GPU: count host syncs inside prefills by source line (sync debug mode)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the timed runs, profile the no-barrier loop on N episodes (torch.profiler tables)")
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
@@ -419,6 +450,8 @@ def main() -> None:
             if args.phases:
                 raise SystemExit("--gpu-times and --phases exclude each other (--phases synchronises the device)")
             time_streams(engines[True])
+        if args.sync_sites and torch.cuda.is_available():
+            sync_sites(engines[True])
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
     samples = read_samples(root / args.data).samples[:n_prompts]
@@ -489,6 +522,9 @@ def main() -> None:
             out["capture_error"] = getattr(dec, "capture_error", None)
         if args.gpu_times:
             out["stream_times"] = stream_times(engine)
+        if getattr(engine, "bench_syncs", None):
+            out["prefill_syncs"] = dict(engine.bench_syncs.most_common())
+            engine.bench_syncs.clear()
         if args.phases:
             now = engine.bench_phases
             out["phases"] = {k: [round(now[k][0] - phases0.get(k, (0, 0))[0], 3), now[k][1] - phases0.get(k, (0, 0))[1]]
