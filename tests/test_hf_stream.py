@@ -116,7 +116,7 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
     random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
     ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
-    arriving meanwhile are prefilled after it; and with ``overlap`` (a GPU's default): a prefill's rows join the
+    arriving meanwhile are prefilled after it; and with ``overlap`` (opt-in): a prefill's rows join the
     decoding slots one chunk later, their slots decoding into the dump column meanwhile."""
     import random
 
@@ -125,7 +125,7 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
     for trial in range(3):
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
-        assert eng.pipeline is False and eng.overlap is False  # CPU defaults
+        assert eng.pipeline is False and eng.overlap is False  # defaults on CPU
         eng.pipeline, eng.overlap = pipeline, overlap
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),

@@ -10,11 +10,11 @@ together, one CUDA graph per step on a GPU (forward, seeded sampling, recording)
 token limits are per slot, and attention reads the cache only up to a bucket past the longest busy slot (a graph per
 width). Every :attr:`~HFStreamingEngine.CHECK_EVERY` steps the host collects finished slots (eos, stop string, token
 limit) and refills them, so an episode's next turn starts while the other episodes' turns are still decoding.
-On a GPU (:attr:`~HFStreamingEngine.overlap`) a prefill does not stall the decoding slots either: it runs on a side
-stream beside the decode chunks (which run on a high-priority stream), and its rows join the decoding slots at the
-first host check after it finished; meanwhile their slots decode into a dump column (:class:`SlotCache`). Without
-overlap a prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of
-the slots can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill.
+A prefill stalls every decoding slot, so while slots decode, waiting requests are gathered until a quarter of the
+slots can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill. With
+:attr:`~HFStreamingEngine.overlap` (opt-in, GPU) a prefill does not stall them: it runs on a side stream beside the
+decode chunks (which run on a high-priority stream), and its rows join the decoding slots at the first host check
+after it finished; meanwhile their slots decode into a dump column (:class:`SlotCache`).
 
 Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
 function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
@@ -191,9 +191,10 @@ class HFStreamingEngine(HFEngine):
         # launch the next decode chunk before poll returns (see poll); only worth it where the device runs
         # asynchronously to the host
         self.pipeline = self.model.device.type == "cuda"
-        # prefill on a side stream while the slots decode (see _prefill / _join); only on a GPU, where streams run
-        # concurrently (forced on CPU, a prefill's rows still join one chunk late: tests)
-        self.overlap = self.model.device.type == "cuda"
+        # prefill on a side stream while the slots decode (see _prefill / _join; on CPU the rows still join one chunk
+        # late: tests). Off by default: on an H200 it has not beaten the stalling prefill yet (docs/performance.md,
+        # issue 7: 42.0-51.0 s against 46.5-48.9 s in the same runs); the host still waits inside a prefill
+        self.overlap = False
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
