@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vigorl_cli.errors import ModelError
-from vigorl_cli.models.load import load_model, mm_token_type_ids
+from vigorl_cli.models.load import load_model, mm_token_type_ids, shared_image_features, vision_precompute
 from vigorl_cli.models.vision_attention import (
     batched_attention,
     current_vision_attention,
@@ -63,6 +63,47 @@ def test_vision_tower_equals_hf_for_images_of_different_sizes(bundles, name):
             assert (a - b).abs().max().item() < 1e-5
     if name == "tiny-qwen3-vl":
         assert len(ref) == 3  # deepstack features were compared too
+
+
+@pytest.mark.parametrize("name,keys", [("tiny-qwen2.5-vl", 6), ("tiny-qwen2-vl", 3), ("tiny-qwen3-vl", 0)])
+def test_precomputed_tower_tables_give_the_towers_own_outputs_without_host_reads(bundles, monkeypatch, name, keys):
+    """vision_precompute: the index tables computed on the host from a CPU grid, passed to the tower, give exactly
+    the tower's outputs (HF's attention and ours); the longest segments are right by hand; with them our tower reads
+    nothing back to the host (on a GPU each read would wait for the work queued before it). Towers transformers
+    has no helpers for get none."""
+    model = bundles[name].model
+    visual = model.model.visual
+    px, grid = _pixels(model, GRIDS)
+    pre = vision_precompute(visual, grid)
+    assert len(pre) == keys
+    if not keys:
+        return
+    assert pre["max_seqlen"] == 36 * 36  # the 504² image is the longest full-attention segment
+    if "max_window_seqlen" in pre:
+        assert pre["max_window_seqlen"] == 8 * 8  # a whole window: 4×4 merged units of 2×2 patches
+    for mode in ("hf", "batched"):
+        set_vision_attention(model, mode)
+        with torch.no_grad():
+            ref = visual(px, grid_thw=grid)
+            got = visual(px, grid_thw=grid, **pre)
+        assert torch.equal(got.pooler_output, ref.pooler_output)
+        assert torch.equal(got.last_hidden_state, ref.last_hidden_state)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host read inside the vision tower")
+
+    for attr in ("tolist", "item", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, attr, forbidden)
+    with torch.no_grad():
+        visual(px, grid_thw=grid, **pre)  # batched attention (left set above)
+    monkeypatch.undo()
+    from vigorl_cli.models import load
+
+    sent = []
+    monkeypatch.setattr(load, "vision_precompute", lambda v, g: sent.append(g.device.type) or vision_precompute(v, g))
+    with torch.no_grad(), shared_image_features(model, grid, list(range(len(GRIDS)))):  # the context sends them
+        shared = torch.cat(model.model.get_image_features(px, grid).pooler_output)
+    assert sent == ["cpu"] and torch.equal(shared, ref.pooler_output)
 
 
 def _count_sdpa(monkeypatch):

@@ -235,6 +235,43 @@ def mm_token_type_ids(input_ids, config):
 
 SHARED_IMAGE_KINDS = ("qwen2_vl", "qwen2_5_vl")  # model kinds shared_image_features supports
 
+# vision towers whose forward takes its index tables precomputed (transformers' vision_utils helpers pop them from
+# its kwargs): class name -> whether it has window attention (Qwen2.5-VL) besides full attention
+_PRECOMPUTABLE_TOWERS = {"Qwen2VisionTransformerPretrainedModel": False,
+                         "Qwen2_5_VisionTransformerPretrainedModel": True}
+
+
+def vision_precompute(visual: Any, grid_host) -> dict[str, Any]:
+    """The index tables a Qwen2-VL / Qwen2.5-VL vision tower derives from ``grid_thw`` (patch positions, segment
+    boundaries and their longest segment, Qwen2.5-VL's window order and window boundaries), computed on the host by
+    transformers' own helpers from a CPU grid, as the keyword arguments the tower's forward accepts precomputed.
+
+    Computed inside the tower from a device grid, each needs the grid on the host (``.tolist()``) and the window
+    order stays a CPU tensor, so indexing with it after the blocks (the merger's output order) copies it to the
+    device synchronously: the host waits for the whole tower. With these tables sent ahead no step of the tower
+    waits on the host; the attention kernels get the longest segment as an int (vision_attention's plan needs no
+    sync either). ``{}`` for other towers or transformers versions without the helpers (the tower computes them
+    itself, as before)."""
+    windowed = _PRECOMPUTABLE_TOWERS.get(type(visual).__name__)
+    if windowed is None:
+        return {}
+    try:
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+    except ImportError:
+        return {}
+
+    def longest(cu) -> int:
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    merge = visual.spatial_merge_size
+    cu = get_vision_cu_seqlens(grid_host)
+    out = {"position_ids": get_vision_position_ids(grid_host, merge), "cu_seqlens": cu, "max_seqlen": longest(cu)}
+    if windowed:
+        index, cu_win = get_vision_window_index(grid_host, spatial_merge_size=merge, window_size=visual.window_size,
+                                                patch_size=visual.patch_size)
+        out.update(window_index=index, cu_window_seqlens=cu_win, max_window_seqlen=longest(cu_win))
+    return out
+
 
 def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
     """Images named by ``keys`` (one per occurrence) → ``(first, occurrence)``: the position of each distinct key's
@@ -298,11 +335,13 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
     tower = visual.forward
 
     def on_device(hidden_states, *args, **kw):  # the tower computes with the grid: on the pixels' device
-        if args:
-            args = (args[0].to(hidden_states.device), *args[1:])
-        elif kw.get("grid_thw") is not None:
-            kw["grid_thw"] = kw["grid_thw"].to(hidden_states.device)
-        return tower(hidden_states, *args, **kw)
+        grid = args[0] if args else kw.pop("grid_thw", None)
+        dev = hidden_states.device
+        if grid is not None:  # its index tables from the host grid, sent ahead of the tower's work
+            pre = vision_precompute(visual, grid.cpu())
+            kw = {**{k: v.to(dev, non_blocking=True) if hasattr(v, "to") else v for k, v in pre.items()}, **kw}
+        grid = grid.to(dev, non_blocking=True) if grid is not None else None
+        return tower(hidden_states, grid, *args[1:], **kw)
 
     def unchecked(input_ids, inputs_embeds=None, image_features=None, video_features=None, **kw):
         return type(core).get_placeholder_mask(core, input_ids, inputs_embeds=inputs_embeds, **kw)
