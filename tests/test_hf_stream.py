@@ -210,32 +210,56 @@ def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bun
     assert got["x"][0].token_ids == HFEngine(tiny_bundle).generate([other])[0][0].token_ids
 
 
+def _short_and_long(bundle):
+    """A short first turn (6 tokens, named image) and a long request (60 tokens) to decode beside it."""
+    first = _req(bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["s/full"]
+    return first, _req(bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+
+
+def _until(eng, tag) -> dict:
+    got = {}
+    while tag not in got:
+        got.update(eng.poll())
+    return got
+
+
+def _then_next_turn(bundle, eng, first, got, before=None):
+    """Submit ``first``'s next turn (after ``before()``) and drain into ``got``: ``(next turn, prompt tokens its
+    slot held: first's expanded prompt and completion)``."""
+    c1 = got["t1"][0]
+    second = _next_turn(bundle, first, c1, IM2, "s/crop-1")
+    if before is not None:
+        before()
+    eng.submit(second, "t2")
+    got.update(_drain(eng)[0])
+    _, grid = eng.encode_images(first.images)
+    return second, len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
+
+
+def _equal_generate(bundle, got, reqs: dict, logprobs: bool = False) -> None:
+    gen = HFEngine(bundle)
+    for tag, req in reqs.items():
+        want = gen.generate([req])[0][0]
+        assert got[tag][0].token_ids == want.token_ids, tag
+        if logprobs:
+            assert torch.allclose(torch.tensor(got[tag][0].logprobs), torch.tensor(want.logprobs), atol=1e-4), tag
+
+
 def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
     """With ``pipeline``, a chunk runs between a turn's collect and its next turn's prefill while another request
     decodes, so the parked slot steps on (idle) and writes past its cached tokens. The next turn still continues
     from the parked prefix and samples what generate samples from the full prompt."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
     eng.pipeline = True
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["s/full"]
-    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    first, long = _short_and_long(tiny_bundle)
     eng.submit(first, "t1")
     eng.submit(long, "long")
-    got = {}
-    while "t1" not in got:
-        got.update(eng.poll())
+    got = _until(eng, "t1")
     assert eng._chunk  # the long request decodes on in a chunk launched before poll returned
-    c1 = got["t1"][0]
-    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
-    eng.poll()  # one more chunk with the parked slot idle
-    eng.submit(second, "t2")
-    rest, _ = _drain(eng)
-    got.update(rest)
-    _, grid = eng.encode_images(first.images)
-    assert eng.reused_tokens == len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
-    gen = HFEngine(tiny_bundle)
-    assert got["t2"][0].token_ids == gen.generate([second])[0][0].token_ids
-    assert got["long"][0].token_ids == gen.generate([long])[0][0].token_ids
+    second, held = _then_next_turn(tiny_bundle, eng, first, got, before=eng.poll)  # a chunk with the slot idle
+    assert eng.reused_tokens == held
+    _equal_generate(tiny_bundle, got, {"t2": second, "long": long})
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
@@ -255,31 +279,18 @@ def test_an_overlapped_prefill_joins_after_a_chunk_and_leaves_its_slot_intact(ti
         collect()
 
     monkeypatch.setattr(eng, "_collect", logged)
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["s/full"]
-    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    first, long = _short_and_long(tiny_bundle)
     eng.submit(long, "long")
     eng.poll()  # nothing decodes yet: prefilled and joined at once
     assert chunks[0] == ([0], [])
     eng.submit(first, "t1")
-    got = {}
-    while "t1" not in got:
-        got.update(eng.poll())
+    got = _until(eng, "t1")
     pend = [c for c in chunks if c[1]]
     assert pend and pend[0] == ([0], [1])  # t1's slot sat out a chunk while the long request decoded
     assert all(1 in c[0] for c in chunks[chunks.index(pend[-1]) + 1:])  # then it decoded
-    c1 = got["t1"][0]
-    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
-    eng.submit(second, "t2")
-    rest, _ = _drain(eng)
-    got.update(rest)
-    _, grid = eng.encode_images(first.images)
-    assert eng.reused_tokens == len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
-    gen = HFEngine(tiny_bundle)
-    for tag, req in (("long", long), ("t1", first), ("t2", second)):
-        want = gen.generate([req])[0][0]
-        assert got[tag][0].token_ids == want.token_ids, tag
-        assert torch.allclose(torch.tensor(got[tag][0].logprobs), torch.tensor(want.logprobs), atol=1e-4), tag
+    second, held = _then_next_turn(tiny_bundle, eng, first, got)
+    assert eng.reused_tokens == held
+    _equal_generate(tiny_bundle, got, {"long": long, "t1": first, "t2": second}, logprobs=True)
     assert eng._st["cache"].pos.tolist() == [eng.cache_len] * 2  # both free: at the dump column
 
 
@@ -290,28 +301,16 @@ def test_with_overlap_a_freed_slot_waits_one_poll_for_its_episodes_next_turn(tin
     generate's."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
     eng.pipeline, eng.overlap, eng.prefill_min = True, True, 1
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["s/full"]
-    long = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
+    first, long = _short_and_long(tiny_bundle)
     fresh = _req(tiny_bundle, "count the boxes", IM2, seed=7, max_new_tokens=5)
     eng.submit(long, "long")
     eng.submit(first, "t1")
     eng.submit(fresh, "fresh")  # waits: both slots busy
-    got = {}
-    while "t1" not in got:
-        got.update(eng.poll())
+    got = _until(eng, "t1")
     assert eng._pending is None and "fresh" not in got  # the freed slot was held, not prefilled for "fresh"
-    c1 = got["t1"][0]
-    second = _next_turn(tiny_bundle, first, c1, IM2, "s/crop-1")
-    eng.submit(second, "t2")
-    rest, _ = _drain(eng)
-    got.update(rest)
-    _, grid = eng.encode_images(first.images)
-    history = len(eng.expand(first.prompt_ids, grid)) + len(c1.token_ids)
-    assert eng.reused_tokens >= history  # t2 continued t1's slot (fresh may reuse a chat-template opening too)
-    gen = HFEngine(tiny_bundle)
-    for tag, req in (("long", long), ("t1", first), ("t2", second), ("fresh", fresh)):
-        assert got[tag][0].token_ids == gen.generate([req])[0][0].token_ids, tag
+    second, held = _then_next_turn(tiny_bundle, eng, first, got)
+    assert eng.reused_tokens >= held  # t2 continued t1's slot (fresh may reuse a chat-template opening too)
+    _equal_generate(tiny_bundle, got, {"long": long, "t1": first, "t2": second, "fresh": fresh})
 
 
 def test_common_prefix_and_reuse_cut_at_the_first_differing_image():
