@@ -313,6 +313,26 @@ def test_with_overlap_a_freed_slot_waits_one_poll_for_its_episodes_next_turn(tin
     _equal_generate(tiny_bundle, got, {"long": long, "t1": first, "t2": second, "fresh": fresh})
 
 
+def test_after_an_abort_a_new_request_samples_what_generate_samples(tiny_bundle):
+    """``abort`` mid-decode (a rollout given up) leaves no slot writing where a later prefill puts its prompt: with
+    ``overlap`` the next request's slot decodes through a chunk before its row joins, and must do so into the dump
+    column, not at the aborted request's position (inside the new prompt)."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    eng.overlap = True
+    first, long = _short_and_long(tiny_bundle)
+    eng.submit(long, "a")  # slot 0
+    eng.submit(_req(tiny_bundle, "x", None, seed=3, max_new_tokens=30), "b")  # slot 1: a short prompt
+    eng.poll()
+    stale = int(eng._st["cache"].pos[1])  # where slot 1 writes next
+    eng.abort()
+    eng.submit(long, "long")  # slot 0, decoding from the next poll on
+    got = dict(eng.poll())
+    eng.submit(first, "t1")  # slot 1: its prompt runs past ``stale``, and it waits a chunk before it joins
+    got.update(_drain(eng)[0])
+    assert stale < len(eng.expand(first.prompt_ids, eng.encode_images(first.images)[1]))
+    _equal_generate(tiny_bundle, got, {"long": long, "t1": first}, logprobs=True)
+
+
 def test_common_prefix_and_reuse_cut_at_the_first_differing_image():
     from vigorl_cli.engines.hf_stream import _Parked, _Prepared, common_prefix
 

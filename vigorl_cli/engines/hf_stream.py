@@ -243,6 +243,8 @@ class HFStreamingEngine(HFEngine):
         self._n_in_flight = 0
         self._chunk = False
         self._pending = None
+        if self._st is not None:  # the abandoned slots write nowhere from now on (a later prefill may use them)
+            self._st["cache"].pos.fill_(self._st["cache"].dump)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         self._after_streams()  # e.g. features a prefill in flight is still writing to the feature cache
