@@ -275,7 +275,7 @@ def test_an_overlapped_prefill_joins_after_a_chunk_and_leaves_its_slot_intact(ti
 
     def logged():
         chunks.append(([i for i, r in enumerate(eng._rows) if r is not None],
-                       [t[0] for t in eng._pending.todo] if eng._pending else []))
+                       [t.slot for t in eng._pending.todo] if eng._pending else []))
         collect()
 
     monkeypatch.setattr(eng, "_collect", logged)
@@ -340,6 +340,11 @@ def test_common_prefix_and_reuse_cut_at_the_first_differing_image():
     assert common_prefix(a, a, 100) == 100 and common_prefix(a, a, 40) == 40
     assert common_prefix(a, a[:37] + [-1] + a[38:], 100) == 37
     assert common_prefix(a, [-1] + a[1:], 100) == 0 and common_prefix(a, a[:5], 100) == 5 and common_prefix(a, a, 0) == 0
+    # a parked slot's positions: its prompt's (text, a 1×2×3 image at 1, text), then one per sampled token
+    prompt = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 4], [0, 1, 1, 1, 2, 2, 2, 4], [0, 1, 2, 3, 1, 2, 3, 4]])
+    held = _Parked(list(range(11)), ["i"], 0, 0, prompt)
+    assert torch.equal(held.prefix(7), prompt[:, :7]) and held.prefix(0).shape == (3, 0)
+    assert held.prefix(11)[:, 8:].tolist() == [[5, 6, 7]] * 3
     # prompt: 4 text tokens, image 0 at [4, 7), 2 text, image 1 at [9, 12), 3 text
     ids = [1, 2, 3, 4, 9, 9, 9, 5, 6, 9, 9, 9, 7, 8, 0]
     prep = _Prepared(ids, [None, None], None, ["full", "crop"], [(4, 7), (9, 12)])

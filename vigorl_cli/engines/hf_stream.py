@@ -121,6 +121,7 @@ class _Row:
     prompt: list[int]  # the expanded prompt, held in cache positions [0, len(prompt))
     image_keys: list  # identity of the prompt's images, in order
     version: int  # weight_version() at its prefill
+    positions: Any = None  # [3, len(prompt)] the prompt's M-RoPE positions (host)
     checked: int = 0  # tokens already searched for a stop string
     steps: int = 0  # decode steps taken, as of the last host check
 
@@ -144,7 +145,7 @@ class _Prepared:
 class _Pending:
     """A launched prefill whose rows have not joined the decoding slots yet (:meth:`HFStreamingEngine._join`)."""
 
-    todo: list  # (slot, group, request, sample, seed, prepared, reused, max_new) per row
+    todo: list  # a _Start per row
     logits: torch.Tensor  # [rows, vocab] the last position's logits (computed on the prefill stream)
     last_pos: torch.Tensor  # [rows] each row's last M-RoPE position (host)
     version: int  # weight_version() at the prefill
@@ -161,6 +162,32 @@ class _Parked:
     image_keys: list
     version: int  # the weights' in-place version (``weight_version``) its keys and values were computed with
     poll: int = 0  # the poll that freed it
+    positions: Any = None  # [3, P] M-RoPE positions of tokens[:P] (its prompt); the sampled tokens after it are text
+
+    def prefix(self, n: int) -> torch.Tensor:
+        """``[3, n]`` M-RoPE positions of ``tokens[:n]``: the prompt's, then one more per sampled token."""
+        P = self.positions.shape[1]
+        if n <= P:
+            return self.positions[:, :n]
+        after = int(self.positions[:, -1].max()) + 1 + torch.arange(n - P)
+        return torch.cat([self.positions, after[None].expand(3, -1)], dim=1)
+
+
+@dataclass
+class _Start:
+    """One row of a prefill: a request's sample starting in ``slot``, whose first ``reused`` prompt tokens the slot's
+    cache already holds (``held``: what it held)."""
+
+    slot: int
+    group: dict
+    req: GenerationRequest
+    index: int  # which of the request's samples
+    seed: int
+    prep: Any  # _Prepared, or the exception that preparing raised
+    reused: int = 0
+    held: _Parked | None = None
+    max_new: int = 0
+    positions: Any = None  # [3, len(prompt)] set by the prefill
 
 
 class HFStreamingEngine(HFEngine):
@@ -363,12 +390,12 @@ class HFStreamingEngine(HFEngine):
             now = weight_version(self.model)
             for slot in [i for i, pk in self._parked.items() if pk.version != now]:
                 del self._parked[slot]
-        items: list[tuple] = []  # (slot, group, request, sample, seed, prepared, tokens the slot already holds)
-        for entry, slot, lcp in self._continuations():
-            items.append((slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp))
+        items: list[_Start] = []
+        for entry, slot, lcp, pk in self._continuations():
+            items.append(_Start(slot, entry[0], entry[1], 0, entry[2][0], entry[4], lcp, pk))
             entry[3] = 1
             self._queue.remove(entry)
-        taken = {it[0] for it in items}
+        taken = {it.slot for it in items}
         # parked slots last: their episode may come back; not before the caller has seen the poll that freed them
         # (with overlap this fill runs in that poll, after the collect: the episode's next turn is not submitted yet)
         free = ([i for i in free if i not in taken and i not in self._parked]
@@ -385,7 +412,8 @@ class HFStreamingEngine(HFEngine):
                 slot = free[used]
                 pk = self._parked.pop(slot, None)  # what it holds may still share a prefix (a system prompt)
                 lcp = self._reusable(prep, pk) if pk is not None and self._fits(entry, prep) else 0
-                items.append((slot, group, req, k, seeds[k], prep, lcp if lcp >= self.MIN_REUSE else 0))
+                reuse = lcp >= self.MIN_REUSE
+                items.append(_Start(slot, group, req, k, seeds[k], prep, lcp if reuse else 0, pk if reuse else None))
                 used += 1
             entry[3] = start + take
             if entry[3] == len(seeds):
@@ -455,8 +483,8 @@ class HFStreamingEngine(HFEngine):
         """Whether the prepared prompt plus its token limit fits a slot (else :meth:`_prefill` fails the request)."""
         return not isinstance(prep, Exception) and len(prep.ids) + self._max_new(entry[1]) <= self.cache_len
 
-    def _continuations(self) -> list[tuple[list, int, int]]:
-        """``(queue entry, parked slot, reused tokens)`` for the waiting single-sample requests that continue a
+    def _continuations(self) -> list[tuple[list, int, int, _Parked]]:
+        """``(queue entry, parked slot, reused tokens, what the slot held)`` for the waiting single-sample requests that continue a
         parked slot's cached prefix (an episode's next turn), longest reuse first, each entry and slot at most once.
         Candidates are the parked slots whose first image is the request's first image (an episode keeps its
         image; other episodes share at most a system prompt, which the fresh-slot path reuses too), or every
@@ -488,71 +516,76 @@ class HFStreamingEngine(HFEngine):
                 continue
             used_slots.add(slot)
             used_entries.add(id(entry))
-            del self._parked[slot]
-            out.append((entry, slot, -neg))
+            out.append((entry, slot, -neg, self._parked.pop(slot)))
         return out
 
     @torch.no_grad()
-    def _prefill(self, items) -> None:
+    def _prefill(self, items: list[_Start]) -> None:
         """One forward for every starting row: row ``b`` (slot ``rows[b]``) feeds the tokens of its prompt after the
-        ``lcp`` its slot already holds, left-padded so that every row's last token is the last column; its keys and
-        values go to cache positions ``lcp ..`` (:class:`SlotCache`; every slot's sequence starts at position 0),
-        and its queries see the slot's positions causally. M-RoPE positions come from the model's ``get_rope_index`` over each
-        row's whole prompt (images of the cached prefix included); the vision tower sees only the new images."""
+        ``reused`` ones its slot already holds, left-padded so that every row's last token is the last column; its
+        keys and values go to cache positions ``reused ..`` (:class:`SlotCache`; every slot's sequence starts at
+        position 0), and its queries see the slot's positions causally. M-RoPE positions come from the model's
+        ``get_rope_index`` over the fed tokens, shifted past the held prefix's; the vision tower sees only the new
+        images."""
         from vigorl_cli.models.load import mm_token_type_ids
 
         device = self.model.device
         st = self._state(device)
-        todo = []
-        for slot, group, req, k, seed, prep, lcp in items:
-            if isinstance(prep, Exception):
-                self._finish_row(group, k, Completion([], "", [], "error", None, f"{type(prep).__name__}: {prep}"))
+        todo: list[_Start] = []
+        for t in items:
+            if isinstance(t.prep, Exception):
+                self._finish_row(t.group, t.index, Completion([], "", [], "error", None,
+                                                              f"{type(t.prep).__name__}: {t.prep}"))
                 continue
-            ids = prep.ids
-            max_new = self._max_new(req)
-            if len(ids) + max_new > self.cache_len:
-                self._finish_row(group, k, Completion([], "", [], "error", None,
-                                                      f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceed "
-                                                      f"the cache length {self.cache_len}"))
+            t.max_new = self._max_new(t.req)
+            if len(t.prep.ids) + t.max_new > self.cache_len:
+                self._finish_row(t.group, t.index, Completion(
+                    [], "", [], "error", None,
+                    f"prompt ({len(t.prep.ids)}) + max_new_tokens ({t.max_new}) exceed the cache length "
+                    f"{self.cache_len}"))
                 continue
-            todo.append((slot, group, req, k, seed, prep, lcp, max_new))
+            todo.append(t)
         if not todo:
             return
         n = len(todo)
-        lens = [len(t[5].ids) for t in todo]
-        news = [ln - t[6] for ln, t in zip(lens, todo)]  # tokens to feed per row
-        Wf, W = max(lens), max(news)
-        full = torch.full((n, Wf), self.pad_id, dtype=torch.long)
-        fvalid = torch.zeros((n, Wf), dtype=torch.bool)
+        lens = [len(t.prep.ids) for t in todo]
+        news = [ln - t.reused for ln, t in zip(lens, todo)]  # tokens to feed per row
+        W = max(news)
+        feed = torch.full((n, W), self.pad_id, dtype=torch.long)  # what the slot already holds is not fed again
         dst = torch.full((n, W), st["cache"].dump, dtype=torch.long)
         new_images: list[tuple[int, int]] = []  # (row, image) to encode: those after the slot's cached prefix
-        grids_all = []
+        grids_new = []
         for b, t in enumerate(todo):
-            ids, grid = t[5].ids, t[5].grid
-            lcp = t[6]
-            full[b, Wf - lens[b]:] = torch.tensor(ids, dtype=torch.long)
-            fvalid[b, Wf - lens[b]:] = True
-            dst[b, W - news[b]:] = torch.arange(lcp, lens[b])
-            if grid is not None:
-                grids_all.append(grid)
-                new_images += [(b, j) for j in range(t[5].images_in(lcp), grid.shape[0])]
-        feed = full[:, Wf - W:].clone()
-        feed[dst == st["cache"].dump] = self.pad_id  # what the slot already holds is not fed again
-        # positions on the host: get_rope_index walks rows and images in Python, a device sync per step on a GPU
-        pos = prompt_positions(self.model, full, fvalid.long(), mm_token_type_ids(full, self.model.config),
-                               torch.cat(grids_all) if grids_all else None)  # [3, n, Wf]
-        last_pos = pos.masked_fill(~fvalid[None], -1).amax(dim=2).amax(dim=0)
+            feed[b, W - news[b]:] = torch.tensor(t.prep.ids[t.reused:], dtype=torch.long)
+            dst[b, W - news[b]:] = torch.arange(t.reused, lens[b])
+            if t.prep.grid is not None:
+                first_new = t.prep.images_in(t.reused)
+                grids_new.append(t.prep.grid[first_new:])
+                new_images += [(b, j) for j in range(first_new, t.prep.grid.shape[0])]
+        valid = dst != st["cache"].dump
+        # M-RoPE positions on the host (get_rope_index walks rows and images in Python: a device sync per step on a
+        # GPU), of the fed tokens only: a segment starts one past the largest position before it, so the positions
+        # of what follows a cached prefix are its own positions shifted by where the prefix ends (the prefix never
+        # ends inside an image: _reusable)
+        pos = prompt_positions(self.model, feed, valid.long(), mm_token_type_ids(feed, self.model.config),
+                               torch.cat(grids_new) if grids_new else None)  # [3, n, W]
+        for b, t in enumerate(todo):
+            before = t.held.prefix(t.reused) if t.reused else torch.zeros((3, 0), dtype=torch.long)
+            if t.reused:
+                pos[:, b] += int(before[:, -1].max()) + 1
+            t.positions = torch.cat([before, pos[:, b, W - news[b]:]], dim=1)
+        last_pos = pos.masked_fill(~valid[None], -1).amax(dim=2).amax(dim=0)
         streams = self._cuda_streams()
         if streams is not None:  # beside the decode chunks, after the caller's work (weights)
             streams[1].wait_stream(self._caller or torch.cuda.current_stream(device))
         with torch.cuda.stream(streams[1]) if streams is not None else contextlib.nullcontext():
-            pos, feed, dst = (x.to(device) for x in (pos[:, :, Wf - W:], feed, dst))
+            pos, feed, dst = (x.to(device) for x in (pos, feed, dst))
             read = max(lens)
             qpos = dst.masked_fill(dst == st["cache"].dump, 0)  # a padding query sees the slot's first key
             see = torch.arange(read, device=device)[None, None] <= qpos[:, :, None]  # [n, W, read]: causal
             extra, features = self._vision_inputs(todo, new_images, device)
             cache = st["cache"]
-            cache.rows, cache.dst, cache.read = torch.tensor([t[0] for t in todo], device=device), dst, read
+            cache.rows, cache.dst, cache.read = torch.tensor([t.slot for t in todo], device=device), dst, read
             try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
                 with self._autocast(), fused_attention(device), features:
                     out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
@@ -566,7 +599,7 @@ class HFStreamingEngine(HFEngine):
                 event.record(streams[1])
         self._pending = _Pending(todo, out.logits[:, -1], last_pos, weight_version(self.model), event,
                                  self._collects)
-        self.reused_tokens += sum(t[6] for t in todo)
+        self.reused_tokens += sum(t.reused for t in todo)
         self.prefills += 1
         self.prefill_tokens[0] += sum(news)
         self.prefill_tokens[1] += n * W
@@ -587,13 +620,14 @@ class HFStreamingEngine(HFEngine):
             stream = torch.cuda.current_stream(device)
             stream.wait_event(p.event)
             p.logits.record_stream(stream)  # allocated on the prefill stream, read on this one
-        rows = torch.tensor([t[0] for t in p.todo], dtype=torch.long, device=device)
-        ends = torch.tensor([len(t[5].ids) for t in p.todo], dtype=torch.long, device=device)
+        rows = torch.tensor([t.slot for t in p.todo], dtype=torch.long, device=device)
+        ends = torch.tensor([len(t.prep.ids) for t in p.todo], dtype=torch.long, device=device)
         seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
-        self._start(rows, p.logits, [t[4] for t in p.todo], [t[7] for t in p.todo], p.last_pos.to(device), ends,
-                    seen)
+        self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], p.last_pos.to(device),
+                    ends, seen)
         for t in p.todo:
-            self._rows[t[0]] = _Row(t[1], t[3], t[7], t[2].params, t[5].ids, t[5].keys, p.version)
+            self._rows[t.slot] = _Row(t.group, t.index, t.max_new, t.req.params, t.prep.ids, t.prep.keys, p.version,
+                                      t.positions)
 
     def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
         """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
@@ -602,17 +636,17 @@ class HFStreamingEngine(HFEngine):
         episode's earlier images, when its next turn could not continue its slot)."""
         if not new_images:
             return {}, contextlib.nullcontext()
-        keys = [todo[b][5].keys[j] for b, j in new_images]
-        grid_occ = torch.cat([todo[b][5].grid[j:j + 1] for b, j in new_images])  # [occurrences, 3]
+        keys = [todo[b].prep.keys[j] for b, j in new_images]
+        grid_occ = torch.cat([todo[b].prep.grid[j:j + 1] for b, j in new_images])  # [occurrences, 3]
         share = self.dedupe_images and self.bundle.kind in SHARED_IMAGE_KINDS
         first, occ = distinct_images(keys) if share else (list(range(len(keys))), list(range(len(keys))))
         ukeys = [keys[i] for i in first]
         known = self._cached_features(ukeys) if share else {}
         need = [new_images[first[u]] for u in range(len(first)) if u not in known]  # to encode, in order
-        missing = [(b, j) for b, j in need if todo[b][5].pixels[j] is None]  # not processed yet (_prepare)
-        for (b, j), (pv, _) in zip(missing, self._process([todo[b][2].images[j] for b, j in missing])):
-            todo[b][5].pixels[j] = pv
-        pix = [todo[b][5].pixels[j] for b, j in need]
+        missing = [(b, j) for b, j in need if todo[b].prep.pixels[j] is None]  # not processed yet (_prepare)
+        for (b, j), (pv, _) in zip(missing, self._process([todo[b].req.images[j] for b, j in missing])):
+            todo[b].prep.pixels[j] = pv
+        pix = [todo[b].prep.pixels[j] for b, j in need]
         pv = torch.cat(pix) if pix else torch.zeros((0, self._pixel_dim), dtype=torch.float32)
         extra = {"pixel_values": pv.to(device, dtype=self.model.dtype), "image_grid_thw": grid_occ.to(device)}
         if not share:
@@ -762,7 +796,7 @@ class HFStreamingEngine(HFEngine):
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
             fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - len(row.prompt))]
-            self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version, self._polls)
+            self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version, self._polls, row.positions)
             self._finish_row(row.group, row.index, comp)
         if freed:  # from the next step on, what they hold stays intact (a next turn, or a prefill beside the decode)
             st["cache"].pos[freed] = st["cache"].dump
