@@ -301,10 +301,11 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
     are known), and only those are encoded; ``on_encoded(index, features)`` sees each freshly encoded one.
 
     No host sync waits for the vision tower: HF's ``get_image_features`` splits the tower's output by sizes read from
-    the grid (``.tolist()``), which on a GPU would wait for the whole tower; it gets the grid on the host here (the
-    tower itself receives it on its device). ``check=False`` also skips the placeholder-count check that follows
-    (another such wait), for callers that built the placeholders from these grids (the streaming engine, whose
-    prefills run beside decode on another stream and must not block the host)."""
+    the grid (``.tolist()``), which on a GPU would wait for the whole tower; it gets the grid on the host here, and the
+    tower gets the grid on its device together with the index tables it would otherwise derive with host reads
+    (:func:`vision_precompute`). ``check=False`` also skips the placeholder-count check that follows (another such
+    wait), for callers that built the placeholders from these grids (the streaming engine, whose prefills may run
+    beside the decode on another stream and must not block the host)."""
     core = model.model
     original = core.get_image_features
     index = list(occurrence)
