@@ -147,7 +147,6 @@ class _Pending:
 
     todo: list  # a _Start per row
     logits: torch.Tensor  # [rows, vocab] the last position's logits (computed on the prefill stream)
-    last_pos: torch.Tensor  # [rows] each row's last M-RoPE position (host)
     version: int  # weight_version() at the prefill
     event: Any  # a CUDA event recorded after the forward, or None (it ran synchronously)
     collects: int  # host checks before its launch
@@ -378,8 +377,8 @@ class HFStreamingEngine(HFEngine):
         stalls every decoding slot, and one of many rows costs little more than one of a single row."""
         if not self._queue or self._pending is not None:  # one prefill in flight at a time
             return
-        busy = sum(r is not None for r in self._rows)
-        if busy == 0:
+        busy = self._active()
+        if not busy:
             self._params = None  # drained: the next request may bring other sampling settings
         free = [i for i, r in enumerate(self._rows) if r is None]
         waiting = sum(len(e[2]) - e[3] for e in self._queue)
@@ -484,11 +483,11 @@ class HFStreamingEngine(HFEngine):
         return not isinstance(prep, Exception) and len(prep.ids) + self._max_new(entry[1]) <= self.cache_len
 
     def _continuations(self) -> list[tuple[list, int, int, _Parked]]:
-        """``(queue entry, parked slot, reused tokens, what the slot held)`` for the waiting single-sample requests that continue a
-        parked slot's cached prefix (an episode's next turn), longest reuse first, each entry and slot at most once.
-        Candidates are the parked slots whose first image is the request's first image (an episode keeps its
-        image; other episodes share at most a system prompt, which the fresh-slot path reuses too), or every
-        parked slot for a request without images."""
+        """``(queue entry, parked slot, reused tokens, what the slot held)`` for the waiting single-sample requests
+        that continue a parked slot's cached prefix (an episode's next turn), longest reuse first, each entry and
+        slot at most once. Candidates are the parked slots whose first image is the request's first image (an
+        episode keeps its image; other episodes share at most a system prompt, which the fresh-slot path reuses too),
+        or every parked slot for a request without images."""
         if not self._parked:
             return []
         by_image: dict[Any, list[int]] = {}
@@ -574,7 +573,6 @@ class HFStreamingEngine(HFEngine):
             if t.reused:
                 pos[:, b] += int(before[:, -1].max()) + 1
             t.positions = torch.cat([before, pos[:, b, W - news[b]:]], dim=1)
-        last_pos = pos.masked_fill(~valid[None], -1).amax(dim=2).amax(dim=0)
         streams = self._cuda_streams()
         if streams is not None:  # beside the decode chunks, after the caller's work (weights)
             streams[1].wait_stream(self._caller or torch.cuda.current_stream(device))
@@ -597,8 +595,7 @@ class HFStreamingEngine(HFEngine):
             event = torch.cuda.Event() if streams is not None else None
             if event is not None:
                 event.record(streams[1])
-        self._pending = _Pending(todo, out.logits[:, -1], last_pos, weight_version(self.model), event,
-                                 self._collects)
+        self._pending = _Pending(todo, out.logits[:, -1], weight_version(self.model), event, self._collects)
         self.reused_tokens += sum(t.reused for t in todo)
         self.prefills += 1
         self.prefill_tokens[0] += sum(news)
@@ -623,8 +620,8 @@ class HFStreamingEngine(HFEngine):
         rows = torch.tensor([t.slot for t in p.todo], dtype=torch.long, device=device)
         ends = torch.tensor([len(t.prep.ids) for t in p.todo], dtype=torch.long, device=device)
         seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
-        self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], p.last_pos.to(device),
-                    ends, seen)
+        last_pos = torch.tensor([int(t.positions.max()) for t in p.todo], dtype=torch.long, device=device)
+        self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], last_pos, ends, seen)
         for t in p.todo:
             self._rows[t.slot] = _Row(t.group, t.index, t.max_new, t.req.params, t.prep.ids, t.prep.keys, p.version,
                                       t.positions)
