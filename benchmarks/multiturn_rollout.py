@@ -378,6 +378,11 @@ def main() -> None:
                     help="hf: model.vision_attention for both loops")
     ap.add_argument("--skip-sync", action="store_true",
                     help="run only the no-barrier loop (and --nb-variants): its schedule, steps and prefills")
+    ap.add_argument("--no-eos", action="store_true",
+                    help="hf: no stop token, so every turn runs to its planned length as a random 3B model's does; "
+                         "with --tiny and the GPU run's --max-pixels the no-barrier loop's schedule (prefills, decode "
+                         "steps, reuse) is then the GPU run's, replayed on CPU (it depends on polls, not on time)")
+    ap.add_argument("--trace", default=None, help="with --profile: write the chrome trace here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not 0 <= args.max_calls <= 3:
@@ -439,6 +444,10 @@ def main() -> None:
         engines = {False: HFEngine(bundle, batch_size=args.slots, seed=args.seed, static_cache=True),
                    True: HFStreamingEngine(bundle, batch_size=args.slots, seed=args.seed,
                                            cache_len=args.max_model_len, max_new_cap=args.max_tokens)}
+        if args.no_eos:  # and no special token (a tiny random model samples <tool_call>, <|im_start|>, ...)
+            special = sorted(set(processor.tokenizer.added_tokens_encoder.values()))
+            for e in engines.values():
+                e.eos_ids, e.suppress = [], sorted(set(e.suppress) | set(special))
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
         version = None
@@ -579,17 +588,28 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile, record_function
 
         eng = engines[True]
-        for name in ("_prefill", "_advance", "_collect", "_prepare"):
-            fn = getattr(eng, name, None)
-            if fn is not None:
-                def labelled(*a, _fn=fn, _name=name, **kw):
-                    with record_function(_name):
+        inner = bundle.model.model if hasattr(bundle.model, "model") else bundle.model
+        # the engine's phases, and inside a prefill: pixel processing, the vision tower, the language model
+        for obj, names in ((eng, ("_prefill", "_advance", "_collect", "_prepare", "_fill", "_vision_inputs",
+                                  "_process", "_join")),
+                           (getattr(inner, "visual", None), ("forward",)),
+                           (getattr(inner, "language_model", None), ("forward",))):
+            for name in names:
+                fn = getattr(obj, name, None) if obj is not None else None
+                if fn is None:
+                    continue
+                label = name if obj is eng else f"{type(obj).__name__}.{name}"
+
+                def labelled(*a, _fn=fn, _label=label, **kw):
+                    with record_function(_label):
                         return _fn(*a, **kw)
-                setattr(eng, name, labelled)
+                setattr(obj, name, labelled)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts) as prof:
             run("profiled", True, keys[:args.profile])
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=60))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
         if torch.cuda.is_available():
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     if args.json:
