@@ -111,13 +111,16 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
-@pytest.mark.parametrize("pipeline,overlap", [(False, False), (True, False), (False, True), (True, True)])
-def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap):
+@pytest.mark.parametrize("pipeline,overlap,cover", [(False, False, 16), (True, False, 16), (False, True, 16),
+                                                    (True, True, 16), (True, True, 5), (True, True, 40)])
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap, cover):
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
     random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
     ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
     arriving meanwhile are prefilled after it; and with ``overlap`` (opt-in): a prefill's rows join the
-    decoding slots one chunk later, their slots decoding into the dump column meanwhile."""
+    decoding slots one chunk later, their slots decoding into the dump column meanwhile, and the chunk launched
+    before such a prefill is ``PREFILL_COVER`` steps long (40: longer than any limit here, so finished rows decode
+    on for many steps before their collect)."""
     import random
 
     gen = HFEngine(tiny_bundle, batch_size=8)
@@ -126,7 +129,7 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
         assert eng.pipeline is False and eng.overlap is False  # defaults on CPU
-        eng.pipeline, eng.overlap = pipeline, overlap
+        eng.pipeline, eng.overlap, eng.PREFILL_COVER = pipeline, overlap, cover
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
                      stop=rng.choice([(), ("e",), ("a", "o")]))
@@ -292,6 +295,31 @@ def test_an_overlapped_prefill_joins_after_a_chunk_and_leaves_its_slot_intact(ti
     assert eng.reused_tokens == held
     _equal_generate(tiny_bundle, got, {"long": long, "t1": first, "t2": second}, logprobs=True)
     assert eng._st["cache"].pos.tolist() == [eng.cache_len] * 2  # both free: at the dump column
+
+
+@pytest.mark.parametrize("cover", [8, 20])
+def test_with_overlap_the_chunk_before_a_prefill_covers_it(tiny_bundle, monkeypatch, cover):
+    """With ``overlap``, the chunk launched just before a prefill is ``PREFILL_COVER`` steps long (the prefill's
+    host time is spent while it decodes); every other chunk is ``CHECK_EVERY`` long. The rows of that prefill join
+    at the next collect, and every sample equals generate's."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    eng.pipeline, eng.overlap, eng.prefill_min, eng.PREFILL_COVER = True, True, 1, cover
+    log = []  # ("advance", n) / ("prefill", slots), in call order
+    advance, prefill = eng._advance, eng._prefill
+    monkeypatch.setattr(eng, "_advance", lambda n: (log.append(("advance", n)), advance(n))[1])
+    monkeypatch.setattr(eng, "_prefill", lambda items: (log.append(("prefill", [t.slot for t in items])),
+                                                        prefill(items))[1])
+    first, long = _short_and_long(tiny_bundle)
+    eng.submit(long, "long")
+    eng.poll()  # nothing decodes: a blocking prefill, a chunk, its collect, the next (pipelined) chunk
+    assert log == [("prefill", [0]), ("advance", 8), ("advance", 8)]
+    eng.submit(first, "t1")
+    got, _ = _drain(eng)
+    i = log.index(("prefill", [1]))
+    assert log[i - 1] == ("advance", cover)  # the chunk launched just before it
+    assert all(n == 8 for k, (what, n) in enumerate(log) if what == "advance" and k != i - 1)
+    assert eng.decode_steps == sum(n for what, n in log if what == "advance")
+    _equal_generate(tiny_bundle, got, {"long": long, "t1": first}, logprobs=True)
 
 
 def test_with_overlap_a_freed_slot_waits_one_poll_for_its_episodes_next_turn(tiny_bundle):

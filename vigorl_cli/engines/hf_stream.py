@@ -193,6 +193,10 @@ class HFStreamingEngine(HFEngine):
     """The HF engine with continuous batching over ``slots`` slots (``engine.batch_size``)."""
 
     CHECK_EVERY = 8  # decode steps between host checks (finished slots are refilled then)
+    # with ``overlap``: the decode chunk launched just before a prefill is this long, so that the device has decode
+    # work queued for the whole of the prefill's host time (a prefill is launch-bound: docs/performance.md, issue 7)
+    PREFILL_COVER = 16
+    MAX_CHUNK = 64  # the longest chunk (longer CHECK_EVERY / PREFILL_COVER are cut to it): sizes the spare columns
     WARMUP_STEPS = 2
     no_barrier = True
 
@@ -219,7 +223,8 @@ class HFStreamingEngine(HFEngine):
         self.pipeline = self.model.device.type == "cuda"
         # prefill on a side stream while the slots decode (see _prefill / _join; on CPU the rows still join one chunk
         # late: tests). Off by default: on an H200 it has not beaten the stalling prefill yet (docs/performance.md,
-        # issue 7: 42.0-51.0 s against 46.5-48.9 s in the same runs); the host still waits inside a prefill
+        # issue 7: 42.0-51.0 s against 46.5-48.9 s in the same runs, 44.2 against 40.9 s later), a prefill being
+        # launch-bound (its host time exceeds a CHECK_EVERY chunk); PREFILL_COVER (since) is not measured there yet
         self.overlap = False
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
@@ -296,14 +301,15 @@ class HFStreamingEngine(HFEngine):
                 if not self._chunk:
                     self._join(block=not self._active())
                     if self._active():
-                        self._advance(self.CHECK_EVERY)
+                        self._advance(self._chunk_steps(False))
                         self._chunk = True
                 if self._chunk:
                     self._collect()
                     self._chunk = False
                     self._join(block=not self._active())
                     if self.pipeline and self._active():
-                        self._advance(self.CHECK_EVERY)
+                        cover = self.overlap and self._fill_due()
+                        self._advance(self._chunk_steps(cover))
                         self._chunk = True
                         if self.overlap:
                             self._fill()
@@ -314,6 +320,11 @@ class HFStreamingEngine(HFEngine):
 
     def _active(self) -> bool:
         return any(r is not None for r in self._rows)
+
+    def _chunk_steps(self, cover: bool) -> int:
+        """Decode steps of the next chunk: :attr:`CHECK_EVERY`, or :attr:`PREFILL_COVER` when a prefill is launched
+        beside it (at most :attr:`MAX_CHUNK`)."""
+        return max(1, min(self.MAX_CHUNK, max(self.CHECK_EVERY, self.PREFILL_COVER) if cover else self.CHECK_EVERY))
 
     # -- streams (overlap on a GPU) -------------------------------------------------------------------------------
     def _cuda_streams(self) -> tuple | None:
@@ -357,9 +368,9 @@ class HFStreamingEngine(HFEngine):
             self._st = {"cache": SlotCache(S, L, device), "mask": mask, "tok": torch.zeros((S, 1), **lng),
                         "pos": torch.zeros((3, S, 1), **lng), "step": torch.zeros(S, **lng),
                         "seeds": torch.zeros(S, **lng), "limit": torch.ones(S, **lng),
-                        # CHECK_EVERY spare columns: a finished slot decodes on until the host collects it
-                        "out_tok": torch.zeros((S, self.max_new_cap + self.CHECK_EVERY), **lng),
-                        "out_lp": torch.zeros((S, self.max_new_cap + self.CHECK_EVERY), dtype=torch.float32,
+                        # MAX_CHUNK spare columns: a finished slot decodes on until the host collects it
+                        "out_tok": torch.zeros((S, self.max_new_cap + self.MAX_CHUNK), **lng),
+                        "out_lp": torch.zeros((S, self.max_new_cap + self.MAX_CHUNK), dtype=torch.float32,
                                               device=device),
                         "done": torch.ones(S, dtype=torch.bool, device=device),
                         "eos": torch.tensor(self.eos_ids or [-1], **lng),
@@ -375,16 +386,12 @@ class HFStreamingEngine(HFEngine):
         take fresh slots (unparked ones first). While other slots decode, a prefill waits until a quarter of the
         slots can start or :attr:`PREFILL_WAIT` polls have passed since the last prefill: a prefill forward
         stalls every decoding slot, and one of many rows costs little more than one of a single row."""
-        if not self._queue or self._pending is not None:  # one prefill in flight at a time
+        if not self._fill_due():
             return
         busy = self._active()
         if not busy:
             self._params = None  # drained: the next request may bring other sampling settings
         free = [i for i, r in enumerate(self._rows) if r is None]
-        waiting = sum(len(e[2]) - e[3] for e in self._queue)
-        if busy and min(waiting, len(free)) < self.prefill_min and \
-                self._polls - max(self._queue[0][5], self._prefilled_at) < self.PREFILL_WAIT:
-            return  # a free slot waits at most PREFILL_WAIT polls
         if self._parked:  # parked under other weights (an update since): their keys and values are stale
             now = weight_version(self.model)
             for slot in [i for i, pk in self._parked.items() if pk.version != now]:
@@ -420,6 +427,18 @@ class HFStreamingEngine(HFEngine):
         if items:
             self._prefill(items)
             self._prefilled_at = self._polls
+
+    def _fill_due(self) -> bool:
+        """Whether :meth:`_fill` would look for slots now: requests wait, no prefill is in flight, and either no slot
+        decodes, or enough rows can start (:attr:`prefill_min`), or the oldest waited :attr:`PREFILL_WAIT` polls."""
+        if not self._queue or self._pending is not None:  # one prefill in flight at a time
+            return False
+        if not self._active():
+            return True
+        free = sum(r is None for r in self._rows)
+        waiting = sum(len(e[2]) - e[3] for e in self._queue)
+        return (min(waiting, free) >= self.prefill_min
+                or self._polls - max(self._queue[0][5], self._prefilled_at) >= self.PREFILL_WAIT)
 
     def _compatible(self, req: GenerationRequest) -> bool:
         """Whether ``req`` can run beside the slots' current sampling settings (which it sets when there are none)."""
@@ -712,7 +731,7 @@ class HFStreamingEngine(HFEngine):
         st["step"].add_(1)
         chosen, lp = sample_next(out.logits[:, -1].float(), None, self._params, st["seeds"], st["suppress"],
                                  st["step"])
-        col = st["step"].clamp(max=self.max_new_cap + self.CHECK_EVERY - 1)
+        col = st["step"].clamp(max=st["out_tok"].shape[1] - 1)
         st["out_tok"][cache.arange, col] = chosen
         st["out_lp"][cache.arange, col] = lp
         st["done"] |= (chosen[:, None] == st["eos"][None, :]).any(-1) | (st["step"] + 1 >= st["limit"])
@@ -738,6 +757,7 @@ class HFStreamingEngine(HFEngine):
         graphs = device.type == "cuda" and self.use_graphs is not False
         if self._graphs and self._graph_weights != weight_addresses(self.model):  # moved: capture again
             self._graphs, self._eager_steps = {}, 0
+        n = min(n, self.MAX_CHUNK)  # a finished slot's tokens land in the MAX_CHUNK spare columns until collected
         width = self._read_width(n)
         self._st["cache"].width = width
         self.decode_steps += n
@@ -792,7 +812,7 @@ class HFStreamingEngine(HFEngine):
             freed.append(slot)
             # what the slot's cache holds: the prompt and every sampled token fed back so far (a token's keys and
             # values depend only on the tokens before it, so any of them that the next prompt repeats is reusable)
-            fed = toks[j][:min(steps[slot], len(toks[j]), self.cache_len - len(row.prompt))]
+            fed = toks[j][:min(steps[slot], st["out_tok"].shape[1] - 1, self.cache_len - len(row.prompt))]
             self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version, self._polls, row.positions)
             self._finish_row(row.group, row.index, comp)
         if freed:  # from the next step on, what they hold stays intact (a next turn, or a prefill beside the decode)
