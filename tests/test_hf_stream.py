@@ -637,3 +637,22 @@ def test_multiturn_benchmark_step_bounds_by_hand():
     got = mtr.step_bounds(plan, keys, slots=2, check=1)
     assert got["turn_synchronous_steps"] == 12 and got["no_barrier_steps"] == 10
     assert got["no_barrier_in_order_steps"] == 12 and got["ratio_in_order"] == 1.0
+
+
+def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
+    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover set the streaming engine's scheduling;
+    left at None they keep its defaults; values below 1 are recipe errors naming the key."""
+    from vigorl_cli.engines.factory import hf_engine
+    from vigorl_cli.errors import RecipeError
+    from vigorl_cli.recipe import load_recipe
+
+    plain = hf_engine(tiny_bundle, load_recipe(None, ["engine.continuous_batching=true",
+                                                      "engine.batch_size=8"]).engine)
+    assert (plain.overlap, plain.prefill_min, plain.PREFILL_WAIT, plain.PREFILL_COVER) == (False, 2, 4, 16)
+    r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
+                           "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24"])
+    eng = hf_engine(tiny_bundle, r.engine)
+    assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER) == (True, 3, 8, 24)
+    assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
+    with pytest.raises(RecipeError, match="engine.prefill_wait"):
+        load_recipe(None, ["engine.prefill_wait=0"])

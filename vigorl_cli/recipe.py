@@ -154,6 +154,14 @@ class EngineConfig:
                                          "cache (each decode step one CUDA graph on a GPU): episodes run without a "
                                          "turn barrier, as with vllm; cache length engine.max_model_len (default "
                                          "grpo's max_prompt_len + max_response_len, else 8192); single process")
+    prefill_overlap: bool | None = F(None, "hf continuous batching: prefill on a side CUDA stream beside the decode "
+                                           "(None: the engine's default, off; docs/performance.md, issue 7)")
+    prefill_min: int | None = F(None, "hf continuous batching: rows worth a prefill while other slots decode "
+                                      "(None: a quarter of the slots)")
+    prefill_wait: int | None = F(None, "hf continuous batching: host checks a free slot waits for prefill_min rows "
+                                       "(None: the engine's, 4)")
+    prefill_cover: int | None = F(None, "hf continuous batching with prefill_overlap: decode steps launched before "
+                                        "an overlapped prefill (None: the engine's, 16)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")
@@ -575,6 +583,10 @@ def check_semantics(r: Recipe) -> list[str]:
         v = getattr(r.tool, key)
         if v is not None and v < (0 if key == "offset" else 1):
             out.append(f"'tool.{key}' must be >= {0 if key == 'offset' else 1}")
+    for key in ("prefill_min", "prefill_wait", "prefill_cover"):
+        v = getattr(r.engine, key)
+        if v is not None and v < 1:
+            out.append(f"'engine.{key}' must be >= 1")
     if r.engine.backend == "openai" and not r.engine.base_urls:
         out.append("'engine.backend' is openai but 'engine.base_urls' is empty")
     return out

@@ -14,8 +14,15 @@ def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None
     if getattr(engine_cfg, "continuous_batching", False):
         from vigorl_cli.engines.hf_stream import HFStreamingEngine
 
-        return HFStreamingEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed,
-                                 cache_len=engine_cfg.max_model_len or cache_len or 8192, **kw)
+        eng = HFStreamingEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed,
+                                cache_len=engine_cfg.max_model_len or cache_len or 8192, **kw)
+        # scheduling settings the recipe names (None keeps the engine's default)
+        for key, attr in (("prefill_overlap", "overlap"), ("prefill_min", "prefill_min"),
+                          ("prefill_wait", "PREFILL_WAIT"), ("prefill_cover", "PREFILL_COVER")):
+            value = getattr(engine_cfg, key, None)
+            if value is not None:  # ranges: recipe.check_semantics
+                setattr(eng, attr, bool(value) if attr == "overlap" else int(value))
+        return eng
     from vigorl_cli.engines.hf import HFEngine
 
     return HFEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache, **kw)
