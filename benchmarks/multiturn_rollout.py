@@ -524,7 +524,12 @@ def main() -> None:
             out["prefill_tokens"] = engine.prefill_tokens[0] - fed0[0]
             out["prefill_tokens_padded"] = engine.prefill_tokens[1] - fed0[1]
             out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
-                                                                 "prefill_min", "PREFILL_WAIT", "CHECK_EVERY")}
+                                                                 "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
+                                                                 "PREFILL_COVER", "prefill_graphs")}
+            pg = getattr(engine, "_lm_graphs", None)
+            if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
+                out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,
+                                         "buckets": len(pg.seen), "capture_error": pg.capture_error}
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

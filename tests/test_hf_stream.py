@@ -111,16 +111,18 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
-@pytest.mark.parametrize("pipeline,overlap,cover", [(False, False, 16), (True, False, 16), (False, True, 16),
-                                                    (True, True, 16), (True, True, 5), (True, True, 40)])
-def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap, cover):
+@pytest.mark.parametrize("pipeline,overlap,cover,graphs", [
+    (False, False, 16, False), (True, False, 16, False), (False, True, 16, False), (True, True, 16, False),
+    (True, True, 5, False), (True, True, 40, False), (True, False, 16, True), (True, True, 16, True)])
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap, cover, graphs):
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
     random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
     ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
     arriving meanwhile are prefilled after it; and with ``overlap`` (opt-in): a prefill's rows join the
     decoding slots one chunk later, their slots decoding into the dump column meanwhile, and the chunk launched
     before such a prefill is ``PREFILL_COVER`` steps long (40: longer than any limit here, so finished rows decode
-    on for many steps before their collect)."""
+    on for many steps before their collect); and with ``prefill_graphs``: the language model's part of every
+    prefill runs at a bucketed shape (padding rows and columns; eagerly on CPU, a CUDA graph per bucket on a GPU)."""
     import random
 
     gen = HFEngine(tiny_bundle, batch_size=8)
@@ -129,7 +131,7 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
         assert eng.pipeline is False and eng.overlap is False  # defaults on CPU
-        eng.pipeline, eng.overlap, eng.PREFILL_COVER = pipeline, overlap, cover
+        eng.pipeline, eng.overlap, eng.PREFILL_COVER, eng.prefill_graphs = pipeline, overlap, cover, graphs
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
                      stop=rng.choice([(), ("e",), ("a", "o")]))
@@ -146,6 +148,10 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
             want = gen.generate([r])[0]
             assert [c.token_ids for c in got[i]] == [c.token_ids for c in want], (trial, i)
             assert [c.finish_reason for c in got[i]] == [c.finish_reason for c in want], (trial, i)
+            assert torch.allclose(torch.tensor([x for c in got[i] for x in c.logprobs]),
+                                  torch.tensor([x for c in want for x in c.logprobs]), atol=1e-4), (trial, i)
+        if graphs:  # every prefill went through the buckets (eagerly: no CUDA graphs on CPU)
+            assert eng._lm_graphs.padded == eng.prefills > 0 and eng._lm_graphs.captures == 0
 
 
 def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
@@ -176,11 +182,13 @@ def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
     assert int(st.step) == 2 and eng._st["step"].tolist()[0] == 1
 
 
-def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bundle):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bundle, graphs):
     """Turn 2's prompt = turn 1's prompt + its completion + an observation with a new image: the engine prefills
     only the new tokens into turn 1's slot (its cache holds the rest) and samples what generate samples from the full
     prompt. A prompt with the same tokens but another first image (same size) is not served from that cache."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    eng.prefill_graphs = graphs  # (bucketed language-model prefill: the held prefix is read the same)
     first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
     first.image_keys = ["s/full"]
     eng.submit(first, "t1")
@@ -640,7 +648,8 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
-    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover set the streaming engine's scheduling;
+    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs set the streaming
+    engine's scheduling;
     left at None they keep its defaults; values below 1 are recipe errors naming the key."""
     from vigorl_cli.engines.factory import hf_engine
     from vigorl_cli.errors import RecipeError
@@ -648,11 +657,28 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
 
     plain = hf_engine(tiny_bundle, load_recipe(None, ["engine.continuous_batching=true",
                                                       "engine.batch_size=8"]).engine)
-    assert (plain.overlap, plain.prefill_min, plain.PREFILL_WAIT, plain.PREFILL_COVER) == (False, 2, 4, 16)
+    assert (plain.overlap, plain.prefill_min, plain.PREFILL_WAIT, plain.PREFILL_COVER,
+            plain.prefill_graphs) == (False, 2, 4, 16, False)
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
-                           "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24"])
+                           "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
+                           "engine.prefill_graphs=true"])
     eng = hf_engine(tiny_bundle, r.engine)
-    assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER) == (True, 3, 8, 24)
+    assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs) == \
+        (True, 3, 8, 24, True)
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
     with pytest.raises(RecipeError, match="engine.prefill_wait"):
         load_recipe(None, ["engine.prefill_wait=0"])
+
+
+def test_prefill_buckets_by_hand():
+    """Rows to a power of two (at most the slots), fed width to 64 / 96 / 128 / 192 / ..., cache read to a multiple
+    of READ_BUCKET (at most the cache and its dump column)."""
+    from vigorl_cli.engines.hf_stream import _PrefillGraphs, bucket_width
+
+    assert [bucket_width(w) for w in (1, 64, 65, 96, 97, 128, 129, 200, 385, 700, 1025)] == \
+        [64, 64, 96, 96, 128, 128, 192, 256, 512, 768, 1536]
+    g = _PrefillGraphs(torch.nn.Linear(1, 1), slots=24, cache_len=4096, read_bucket=512)
+    assert g.bucket(1, 10, 10) == (1, 64, 512)
+    assert g.bucket(3, 100, 513) == (4, 128, 1024)
+    assert g.bucket(17, 300, 4000) == (24, 384, 4096)  # 32 rows > 24 slots
+    assert _PrefillGraphs(torch.nn.Linear(1, 1), 8, 1000, 0).bucket(8, 64, 5) == (8, 64, 1001)

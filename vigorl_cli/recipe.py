@@ -162,6 +162,8 @@ class EngineConfig:
                                        "(None: the engine's, 4)")
     prefill_cover: int | None = F(None, "hf continuous batching with prefill_overlap: decode steps launched before "
                                         "an overlapped prefill (None: the engine's, 16)")
+    prefill_graphs: bool | None = F(None, "hf continuous batching: the language model's prefill at bucketed shapes, "
+                                          "one CUDA graph per bucket on a GPU (None: the engine's default, off)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

@@ -18,10 +18,11 @@ def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None
                                 cache_len=engine_cfg.max_model_len or cache_len or 8192, **kw)
         # scheduling settings the recipe names (None keeps the engine's default)
         for key, attr in (("prefill_overlap", "overlap"), ("prefill_min", "prefill_min"),
-                          ("prefill_wait", "PREFILL_WAIT"), ("prefill_cover", "PREFILL_COVER")):
+                          ("prefill_wait", "PREFILL_WAIT"), ("prefill_cover", "PREFILL_COVER"),
+                          ("prefill_graphs", "prefill_graphs")):
             value = getattr(engine_cfg, key, None)
             if value is not None:  # ranges: recipe.check_semantics
-                setattr(eng, attr, bool(value) if attr == "overlap" else int(value))
+                setattr(eng, attr, bool(value) if attr in ("overlap", "prefill_graphs") else int(value))
         return eng
     from vigorl_cli.engines.hf import HFEngine
 

@@ -189,6 +189,152 @@ class _Start:
     positions: Any = None  # [3, len(prompt)] set by the prefill
 
 
+def bucket_width(w: int) -> int:
+    """The fed-width bucket of a prefill: the smallest of 64, 96, 128, 192, 256, 384, ... that is at least ``w``
+    (at most half again as wide as needed)."""
+    b = 64
+    while True:
+        if w <= b:
+            return b
+        if w <= b * 3 // 2:
+            return b * 3 // 2
+        b *= 2
+
+
+class _PrefillGraphs:
+    """The language model's part of a prefill at bucketed shapes, one CUDA graph per bucket.
+
+    A prefill's forward is launch-bound on a GPU (docs/performance.md, issue 7: ~13 ms of the language model's kernels
+    behind ~69 ms of host time for a 3B model). Its shape changes every prefill, so it is padded to a bucket: rows to
+    a power of two (at most the slot count), the fed width to :func:`bucket_width`, the cache read to a multiple of
+    ``read_bucket``. Padding rows and columns write their keys and values to the dump column (:class:`SlotCache`) and
+    see one cache position, so what the real rows compute is unchanged. The first :attr:`AFTER` prefills of a bucket run
+    eagerly at its shape (compiling, if the model is compiled); the next one captures it into a graph (all graphs share
+    one memory pool: one prefill runs at a time, and its output is read before the next), replayed from then on.
+    The hidden state comes back for the last position only (what a prefill's one logit needs). Forwards the buckets
+    cannot serve (other inputs, e.g. Qwen3-VL's deepstack features) run as they are."""
+
+    AFTER = 1  # eager runs of a bucket before it is captured
+    KEEP = 64  # graphs kept (the least recently used are dropped)
+
+    def __init__(self, lm: torch.nn.Module, slots: int, cache_len: int, read_bucket: int):
+        self.lm, self.slots, self.cache_len, self.read_bucket = lm, slots, cache_len, read_bucket
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # bucket → (graph, static inputs, static output)
+        self.seen: dict[tuple, int] = {}
+        self.pool = None
+        self.weights: tuple = ()
+        self.cache: SlotCache | None = None
+        self.use_graphs = False
+        self.captures = self.replays = self.padded = 0
+        self.capture_error: str | None = None
+
+    def bucket(self, n: int, width: int, read: int) -> tuple[int, int, int]:
+        rows = min(self.slots, 1 << (n - 1).bit_length())
+        full = self.cache_len + 1
+        span = min(full, -(-read // self.read_bucket) * self.read_bucket) if self.read_bucket else full
+        return rows, bucket_width(width), span
+
+    def __call__(self, original, cache: SlotCache, args: tuple, kw: dict):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        embeds, mask, pos = kw.get("inputs_embeds"), kw.get("attention_mask"), kw.get("position_ids")
+        known = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values", "use_cache")
+        if (args or embeds is None or cache.dst is None or kw.get("past_key_values") is not cache
+                or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4
+                or not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] != 3
+                or any(v is not None for k, v in kw.items() if k not in known)):
+            return original(*args, **kw)
+        n, W, H = embeds.shape
+        read = mask.shape[-1]
+        key = (*self.bucket(n, W, read), embeds.dtype)
+        if self.cache is not cache or (self.graphs and self.weights != weight_addresses(self.lm)):
+            self.graphs.clear()  # another cache, or parameters moved: the graphs read stale addresses
+            self.cache = cache
+        got = self.graphs.get(key)
+        if got is not None:
+            self.graphs.move_to_end(key)
+            graph, inputs, out = got
+            self._fill(inputs, embeds, mask, pos, cache)
+            graph.replay()
+            self.replays += 1
+        else:
+            inputs = self._inputs(key, H, embeds.device)
+            self._fill(inputs, embeds, mask, pos, cache)
+            self.seen[key] = self.seen.get(key, 0) + 1
+            graph = None
+            if self.use_graphs and self.seen[key] > self.AFTER:
+                graph, out = self._capture(original, cache, inputs)
+            if graph is not None:
+                graph.replay()
+                self.graphs[key] = (graph, inputs, out)
+                while len(self.graphs) > self.KEEP:
+                    self.graphs.popitem(last=False)
+            else:
+                out = self._run(original, cache, inputs)
+                self.padded += 1
+        return BaseModelOutputWithPast(last_hidden_state=out[:n], past_key_values=cache)
+
+    def _inputs(self, key: tuple, hidden: int, device: torch.device) -> dict[str, Any]:
+        rows, width, span, dtype = key
+        lng = {"dtype": torch.long, "device": device}
+        return {"embeds": torch.zeros((rows, width, hidden), dtype=dtype, device=device),
+                "mask": torch.zeros((rows, 1, width, span), dtype=torch.bool, device=device),
+                "pos": torch.zeros((3, rows, width), **lng), "rows": torch.zeros(rows, **lng),
+                "dst": torch.full((rows, width), self.cache_len, **lng), "read": span}
+
+    @staticmethod
+    def _fill(inputs: dict, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: SlotCache) -> None:
+        """The prefill's inputs into the bucket's, right-aligned; padding sees cache position 0 and writes nowhere."""
+        n, W, _ = embeds.shape
+        read = mask.shape[-1]
+        rows, width = inputs["pos"].shape[1:]
+        off = width - W
+        inputs["embeds"][:n, off:].copy_(embeds)
+        m = inputs["mask"]
+        m.zero_()
+        m[..., 0] = True
+        m[:n, :, off:, :read].copy_(mask)
+        inputs["pos"].zero_()
+        inputs["pos"][:, :n, off:].copy_(pos)
+        inputs["rows"][:n].copy_(cache.rows)
+        inputs["rows"][n:].copy_(cache.rows[:1].expand(rows - n))
+        inputs["dst"].fill_(cache.dump)
+        inputs["dst"][:n, off:].copy_(cache.dst)
+
+    @staticmethod
+    def _run(original, cache: SlotCache, inputs: dict) -> torch.Tensor:
+        saved = cache.rows, cache.dst, cache.read
+        cache.rows, cache.dst, cache.read = inputs["rows"], inputs["dst"], inputs["read"]
+        try:
+            out = original(inputs_embeds=inputs["embeds"], attention_mask=inputs["mask"], position_ids=inputs["pos"],
+                           past_key_values=cache, use_cache=True)
+        finally:
+            cache.rows, cache.dst, cache.read = saved
+        # the last position only (a prefill keeps one logit), copied: the whole hidden state is a graph's
+        # intermediate, whose memory the other graphs of the shared pool reuse
+        return out.last_hidden_state[:, -1:].clone()
+
+    def _capture(self, original, cache: SlotCache, inputs: dict) -> tuple[Any, torch.Tensor | None]:
+        """Record the bucket's forward (not run); on failure say why once and keep running it eagerly."""
+        import warnings
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._run(original, cache, inputs)
+        except RuntimeError as e:
+            self.capture_error = f"{type(e).__name__}: {e}".splitlines()[0]
+            self.use_graphs = False
+            warnings.warn(f"prefill graphs: capture failed, prefilling eagerly ({self.capture_error})", stacklevel=4)
+            torch.cuda.synchronize()
+            return None, None
+        self.captures += 1
+        self.weights = weight_addresses(self.lm)
+        return graph, out
+
+
 class HFStreamingEngine(HFEngine):
     """The HF engine with continuous batching over ``slots`` slots (``engine.batch_size``)."""
 
@@ -227,6 +373,11 @@ class HFStreamingEngine(HFEngine):
         # launch-bound (its host time exceeds a CHECK_EVERY chunk); PREFILL_COVER (since) is not measured there yet
         self.overlap = False
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
+        # run the language model's part of a prefill at bucketed shapes (rows, fed width, cache read), as one CUDA
+        # graph per bucket on a GPU once a bucket comes back (_PrefillGraphs): a prefill's forward is launch-bound
+        # (docs/performance.md, issue 7). On CPU the same padded shapes run eagerly (tests)
+        self.prefill_graphs = False
+        self._lm_graphs: _PrefillGraphs | None = None
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
@@ -603,8 +754,9 @@ class HFStreamingEngine(HFEngine):
             extra, features = self._vision_inputs(todo, new_images, device)
             cache = st["cache"]
             cache.rows, cache.dst, cache.read = torch.tensor([t.slot for t in todo], device=device), dst, read
+            graphed = self._graphed_lm(cache) if self.prefill_graphs else contextlib.nullcontext()
             try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
-                with self._autocast(), fused_attention(device), features:
+                with self._autocast(), fused_attention(device), features, graphed:
                     out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
                                      past_key_values=cache, use_cache=True, logits_to_keep=1,
                                      mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device),
@@ -621,6 +773,35 @@ class HFStreamingEngine(HFEngine):
         self.prefill_tokens[1] += n * W
         if not self.overlap:
             self._join(block=True)
+
+    @contextlib.contextmanager
+    def _graphed_lm(self, cache: SlotCache):
+        """During one prefill forward: the language model runs through :class:`_PrefillGraphs` (the vision tower,
+        embeddings and LM head stay eager)."""
+        lm = getattr(getattr(self.model, "model", None), "language_model", None)
+        if lm is None:
+            yield
+            return
+        if self._lm_graphs is None or self._lm_graphs.lm is not lm:
+            self._lm_graphs = _PrefillGraphs(lm, self.slots, self.cache_len, self.READ_BUCKET)
+        graphs = self._lm_graphs
+        graphs.use_graphs = (self.model.device.type == "cuda" and self.use_graphs is not False
+                             and graphs.capture_error is None)
+        had = "forward" in lm.__dict__
+        saved = lm.__dict__.get("forward")
+        original = lm.forward
+
+        def forward(*args, **kw):
+            return graphs(original, cache, args, kw)
+
+        lm.forward = forward
+        try:
+            yield
+        finally:
+            if had:
+                lm.forward = saved
+            else:
+                del lm.forward
 
     def _join(self, block: bool) -> None:
         """Start the rows of the prefill in flight (sample their first token, set their decode state): now if
