@@ -371,6 +371,9 @@ def main() -> None:
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
                     help="hf: extra no-barrier runs with engine attributes changed, e.g. "
                          "'pipeline=false;prefill_min=4,PREFILL_WAIT=2' (each compared with the same turn-sync run)")
+    ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
+                    help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
+                         "--nb-variants entry; the variants start from these)")
     ap.add_argument("--compile", action="store_true",
                     help="hf: model.compile's regional compile of the norms and MLPs (what GRPO's rollout copy gets "
                          "with model.compile), for both loops")
@@ -450,6 +453,11 @@ def main() -> None:
                 e.eos_ids, e.suppress = [], sorted(set(e.suppress) | set(special))
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
+        for sets in parse_variants(args.nb_set):
+            for k, val in sets.items():
+                if not hasattr(engines[True], k):
+                    raise SystemExit(f"--nb-set: {type(engines[True]).__name__} has no attribute {k!r}")
+                setattr(engines[True], k, val)
         version = None
         if args.phases:
             for e in engines.values():
