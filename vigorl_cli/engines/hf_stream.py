@@ -43,7 +43,7 @@ from vigorl_cli.engines.static_decode import (
     weight_addresses,
     weight_version,
 )
-from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images
+from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, to_device
 from vigorl_cli.models.vision_attention import fused_attention
 
 
@@ -747,19 +747,20 @@ class HFStreamingEngine(HFEngine):
         if streams is not None:  # beside the decode chunks, after the caller's work (weights)
             streams[1].wait_stream(self._caller or torch.cuda.current_stream(device))
         with torch.cuda.stream(streams[1]) if streams is not None else contextlib.nullcontext():
-            pos, feed, dst = (x.to(device) for x in (pos, feed, dst))
+            # (no copy here waits for the decode chunk in flight: the prefill's host work overlaps its device time)
+            pos, feed, dst = (to_device(x, device) for x in (pos, feed, dst))
             read = max(lens)
             qpos = dst.masked_fill(dst == st["cache"].dump, 0)  # a padding query sees the slot's first key
             see = torch.arange(read, device=device)[None, None] <= qpos[:, :, None]  # [n, W, read]: causal
             extra, features = self._vision_inputs(todo, new_images, device)
             cache = st["cache"]
-            cache.rows, cache.dst, cache.read = torch.tensor([t.slot for t in todo], device=device), dst, read
+            cache.rows, cache.dst, cache.read = to_device(torch.tensor([t.slot for t in todo]), device), dst, read
             graphed = self._graphed_lm(cache) if self.prefill_graphs else contextlib.nullcontext()
             try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
                 with self._autocast(), fused_attention(device), features, graphed:
                     out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
                                      past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                     mm_token_type_ids=mm_token_type_ids(feed, self.model.config).to(device),
+                                     mm_token_type_ids=mm_token_type_ids(feed, self.model.config),
                                      **extra)
             finally:
                 cache.rows, cache.dst, cache.read = None, None, 0
@@ -817,10 +818,10 @@ class HFStreamingEngine(HFEngine):
             stream = torch.cuda.current_stream(device)
             stream.wait_event(p.event)
             p.logits.record_stream(stream)  # allocated on the prefill stream, read on this one
-        rows = torch.tensor([t.slot for t in p.todo], dtype=torch.long, device=device)
-        ends = torch.tensor([len(t.prep.ids) for t in p.todo], dtype=torch.long, device=device)
+        rows = to_device(torch.tensor([t.slot for t in p.todo], dtype=torch.long), device)
+        ends = to_device(torch.tensor([len(t.prep.ids) for t in p.todo], dtype=torch.long), device)
         seen = torch.arange(self.cache_len + 1, device=device)[None] < ends[:, None]
-        last_pos = torch.tensor([int(t.positions.max()) for t in p.todo], dtype=torch.long, device=device)
+        last_pos = to_device(torch.tensor([int(t.positions.max()) for t in p.todo], dtype=torch.long), device)
         self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], last_pos, ends, seen)
         for t in p.todo:
             self._rows[t.slot] = _Row(t.group, t.index, t.max_new, t.req.params, t.prep.ids, t.prep.keys, p.version,
@@ -845,7 +846,7 @@ class HFStreamingEngine(HFEngine):
             todo[b].prep.pixels[j] = pv
         pix = [todo[b].prep.pixels[j] for b, j in need]
         pv = torch.cat(pix) if pix else torch.zeros((0, self._pixel_dim), dtype=torch.float32)
-        extra = {"pixel_values": pv.to(device, dtype=self.model.dtype), "image_grid_thw": grid_occ.to(device)}
+        extra = {"pixel_values": to_device(pv, device).to(self.model.dtype), "image_grid_thw": to_device(grid_occ, device)}
         if not share:
             return extra, contextlib.nullcontext()
         # no placeholder-count check: ids were expanded from these grids, and its host sync would block the host
@@ -857,9 +858,9 @@ class HFStreamingEngine(HFEngine):
         """Sample the first token of freshly prefilled slots and set their decode state."""
         st = self._st
         device = rows.device
-        seeds_t = torch.tensor([s & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long, device=device)
+        seeds_t = to_device(torch.tensor([s & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long), device)
         chosen, lp = sample_next(logits.float(), None, self._params, seeds_t, st["suppress"], 0)
-        lim = torch.tensor(limits, dtype=torch.long, device=device)
+        lim = to_device(torch.tensor(limits, dtype=torch.long), device)
         st["seeds"][rows] = seeds_t
         st["step"][rows] = 0
         st["limit"][rows] = lim

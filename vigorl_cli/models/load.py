@@ -225,11 +225,10 @@ def mm_token_type_ids(input_ids, config):
     """0 for text, 1 for image, 2 for video tokens: what the processor returns, rebuilt from ids."""
     import torch
 
-    t = torch.zeros_like(input_ids)
-    t[input_ids == config.image_token_id] = 1
+    t = torch.zeros_like(input_ids).masked_fill_(input_ids == config.image_token_id, 1)  # (no host sync on a GPU)
     video = getattr(config, "video_token_id", None)
     if video is not None:
-        t[input_ids == video] = 2
+        t.masked_fill_(input_ids == video, 2)
     return t
 
 
@@ -239,6 +238,19 @@ SHARED_IMAGE_KINDS = ("qwen2_vl", "qwen2_5_vl")  # model kinds shared_image_feat
 # its kwargs): class name -> whether it has window attention (Qwen2.5-VL) besides full attention
 _PRECOMPUTABLE_TOWERS = {"Qwen2VisionTransformerPretrainedModel": False,
                          "Qwen2_5_VisionTransformerPretrainedModel": True}
+
+
+def to_device(x: Any, device: Any) -> Any:
+    """A host tensor on ``device`` without the host waiting for the device: on a GPU through pinned memory and a
+    non-blocking copy. (A copy from pageable memory makes the host wait until the stream's queued work is done: before
+    a prefill that is the decode chunk in flight, whose device time the prefill's host work could otherwise
+    overlap.) The pinned buffer comes from PyTorch's caching host allocator, which keeps it until the copy is done."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return x.to(dev) if isinstance(x, torch.Tensor) else x
+    return x.pin_memory().to(dev, non_blocking=True)
 
 
 def vision_precompute(visual: Any, grid_host) -> dict[str, Any]:
@@ -340,8 +352,8 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
         dev = hidden_states.device
         if grid is not None:  # its index tables from the host grid, sent ahead of the tower's work
             pre = vision_precompute(visual, grid.cpu())
-            kw = {**{k: v.to(dev, non_blocking=True) if hasattr(v, "to") else v for k, v in pre.items()}, **kw}
-        grid = grid.to(dev, non_blocking=True) if grid is not None else None
+            kw = {**{k: to_device(v, dev) for k, v in pre.items()}, **kw}
+        grid = to_device(grid, dev) if grid is not None else None
         return tower(hidden_states, grid, *args[1:], **kw)
 
     def unchecked(input_ids, inputs_embeds=None, image_features=None, video_features=None, **kw):
