@@ -14,7 +14,10 @@ A prefill stalls every decoding slot, so while slots decode, waiting requests ar
 slots can start, or :attr:`~HFStreamingEngine.PREFILL_WAIT` polls after the last prefill. With
 :attr:`~HFStreamingEngine.overlap` (opt-in, GPU) a prefill does not stall them: it runs on a side stream beside the
 decode chunks (which run on a high-priority stream), and its rows join the decoding slots at the first host check
-after it finished; meanwhile their slots decode into a dump column (:class:`SlotCache`).
+after it finished; meanwhile their slots decode into a dump column (:class:`SlotCache`). With
+:attr:`~HFStreamingEngine.prefill_graphs` (opt-in) the language model's part of a prefill runs at bucketed shapes,
+one CUDA graph per bucket (:class:`_PrefillGraphs`). No host-to-device copy of a prefill waits for the device (pinned,
+non-blocking), so its host work overlaps the decode chunk in flight.
 
 Same samples as :meth:`HFEngine.generate`: the same positions (the model's ``get_rope_index``), the same sampling
 function with the same per-request seeds and per-token counters (tested on CPU: equal tokens and raw log-probs).
@@ -369,13 +372,14 @@ class HFStreamingEngine(HFEngine):
         self.pipeline = self.model.device.type == "cuda"
         # prefill on a side stream while the slots decode (see _prefill / _join; on CPU the rows still join one chunk
         # late: tests). Off by default: on an H200 it has not beaten the stalling prefill yet (docs/performance.md,
-        # issue 7: 42.0-51.0 s against 46.5-48.9 s in the same runs, 44.2 against 40.9 s later), a prefill being
-        # launch-bound (its host time exceeds a CHECK_EVERY chunk); PREFILL_COVER (since) is not measured there yet
+        # issue 7: 42.0-51.0 s against 46.5-48.9 s in the same runs, 44.2 against 40.9 s later; with PREFILL_COVER
+        # 16 / 24: 43.2 / 46.1 s against 45.6 s, and 41.4 s for PREFILL_WAIT=8 alone, seventh session)
         self.overlap = False
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         # run the language model's part of a prefill at bucketed shapes (rows, fed width, cache read), as one CUDA
         # graph per bucket on a GPU once a bucket comes back (_PrefillGraphs): a prefill's forward is launch-bound
-        # (docs/performance.md, issue 7). On CPU the same padded shapes run eagerly (tests)
+        # (docs/performance.md, issue 7). On CPU the same padded shapes run eagerly (tests). Off by default: on an H200
+        # at ~3,100 fed tokens per prefill the padding cost what the replays saved (43.6 against 43.8 s, seventh session)
         self.prefill_graphs = False
         self._lm_graphs: _PrefillGraphs | None = None
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
