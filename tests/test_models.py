@@ -91,3 +91,38 @@ def test_unreachable_hub_id_is_a_model_error_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="cannot load model"):
         load_model("someone/definitely-not-cached-vlm")
+
+
+def test_to_device_pins_and_copies_without_blocking_on_a_gpu(monkeypatch):
+    """models/load.to_device: on CPU a plain .to; towards a CUDA device a host tensor goes through pinned memory with
+    a non-blocking copy (a pageable copy would make the host wait for the device's queued work); device tensors and
+    non-tensors pass through."""
+    from vigorl_cli.models.load import to_device
+
+    x = torch.arange(6).view(2, 3)
+    assert to_device(x, "cpu") is x and to_device(None, "cuda") is None and to_device(3, "cuda") == 3
+    calls = []
+    real_to = torch.Tensor.to
+
+    def pin(self):
+        calls.append("pin")
+        return self.clone()
+
+    def to(self, *a, **kw):
+        if a and isinstance(a[0], torch.device) and a[0].type == "cuda":
+            calls.append(("to", a[0].type, kw.get("non_blocking")))
+            return self
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    out = to_device(x, "cuda")
+    assert calls == ["pin", ("to", "cuda", True)] and torch.equal(out, x)
+
+
+def test_mm_token_type_ids_marks_image_and_video_tokens():
+    cfg = type("C", (), {"image_token_id": 7, "video_token_id": 9})()
+    ids = torch.tensor([[1, 7, 7, 2, 9], [7, 3, 9, 9, 0]])
+    assert mm_token_type_ids(ids, cfg).tolist() == [[0, 1, 1, 0, 2], [1, 0, 2, 2, 0]]
+    cfg.video_token_id = None
+    assert mm_token_type_ids(ids, cfg).tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
