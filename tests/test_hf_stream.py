@@ -182,6 +182,56 @@ def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
     assert int(st.step) == 2 and eng._st["step"].tolist()[0] == 1
 
 
+def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch):
+    """On a GPU a copy from pageable host memory (``tensor.to(device)``, ``torch.tensor(..., device=...)``) makes the
+    host wait for the stream's queued work — before a prefill, the decode chunk in flight. Checked on CPU: in the
+    engine's own code and models/load.py, fills, prefills (fresh rows and a next turn continuing its slot, images
+    through ``shared_image_features``) and joins move host tensors only through ``models/load.to_device`` (pinned,
+    non-blocking on a GPU)."""
+    import sys
+
+    import vigorl_cli.engines.hf_stream as hs
+    import vigorl_cli.models.load as ld
+
+    def ours() -> bool:  # the caller is the engine's code or the vision tower's feeding (shared_image_features)
+        code = sys._getframe(2).f_code
+        return code.co_filename in (hs.__file__, ld.__file__) and code.co_name != "to_device"
+
+    real_to, real_tensor, moved = torch.Tensor.to, torch.tensor, []
+
+    def to(self, *a, **kw):
+        if ours() and (kw.get("device") is not None or any(isinstance(x, (torch.device, str)) for x in a)):
+            raise AssertionError("a host-to-device copy outside to_device")
+        return real_to(self, *a, **kw)
+
+    def tensor(*a, **kw):
+        if ours() and kw.get("device") is not None:
+            raise AssertionError("torch.tensor(..., device=...) in the engine")
+        return real_tensor(*a, **kw)
+
+    def recorded(x, device):
+        moved.append(tuple(x.shape))
+        return load_to_device(x, device)
+
+    from vigorl_cli.models.load import to_device as load_to_device
+
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    first.image_keys = ["s/full"]
+    other = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=4)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    monkeypatch.setattr(hs, "to_device", recorded)
+    eng.submit(first, "t1")
+    eng.submit(other, "o")
+    got = _drain(eng)[0]
+    eng.submit(_next_turn(tiny_bundle, first, got["t1"][0], IM2, "s/crop-1"), "t2")
+    got.update(_drain(eng)[0])
+    monkeypatch.undo()
+    assert set(got) == {"t1", "o", "t2"} and eng.prefills == 2 and eng.reused_tokens > 0
+    assert len(moved) >= 2 * 9  # per prefill: ids, positions, destinations, slots, pixels, grids; join: 3; start: 2
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bundle, graphs):
     """Turn 2's prompt = turn 1's prompt + its completion + an observation with a new image: the engine prefills

@@ -528,8 +528,9 @@ class HFStreamingEngine(HFEngine):
                         "out_lp": torch.zeros((S, self.max_new_cap + self.MAX_CHUNK), dtype=torch.float32,
                                               device=device),
                         "done": torch.ones(S, dtype=torch.bool, device=device),
-                        "eos": torch.tensor(self.eos_ids or [-1], **lng),
-                        "suppress": torch.tensor(self.suppress, **lng) if self.suppress else None}
+                        "eos": to_device(torch.tensor(self.eos_ids or [-1], dtype=torch.long), device),
+                        "suppress": (to_device(torch.tensor(self.suppress, dtype=torch.long), device)
+                                     if self.suppress else None)}
         return self._st
 
     MIN_REUSE = 16  # shortest cached prefix worth continuing from
