@@ -336,6 +336,17 @@ def parse_variants(text: str | None) -> list[dict[str, Any]]:
     return out
 
 
+def set_attributes(engine: Any, values: dict[str, Any], flag: str) -> dict[str, Any]:
+    """Set existing engine attributes (an unknown name is an error naming ``flag``); returns their earlier values."""
+    for k in values:
+        if not hasattr(engine, k):
+            raise SystemExit(f"{flag}: {type(engine).__name__} has no attribute {k!r}")
+    saved = {k: getattr(engine, k) for k in values}
+    for k, val in values.items():
+        setattr(engine, k, val)
+    return saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2.5-vl-3b")
@@ -454,10 +465,7 @@ def main() -> None:
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
         for sets in parse_variants(args.nb_set):
-            for k, val in sets.items():
-                if not hasattr(engines[True], k):
-                    raise SystemExit(f"--nb-set: {type(engines[True]).__name__} has no attribute {k!r}")
-                setattr(engines[True], k, val)
+            set_attributes(engines[True], sets, "--nb-set")
         version = None
         if args.phases:
             for e in engines.values():
@@ -581,17 +589,11 @@ def main() -> None:
         final["variants"] = []
         eng = engines[True]
         for v in variants:
-            for k in v:
-                if not hasattr(eng, k):
-                    raise SystemExit(f"--nb-variants: {type(eng).__name__} has no attribute {k!r}")
-            saved = {k: getattr(eng, k) for k in v}
-            for k, val in v.items():
-                setattr(eng, k, val)
+            saved = set_attributes(eng, v, "--nb-variants")
             try:
                 res, eps_v = run("no_barrier " + json.dumps(v), True, keys)
             finally:
-                for k, val in saved.items():
-                    setattr(eng, k, val)
+                set_attributes(eng, saved, "--nb-variants")
             final["variants"].append({"set": v, "result": res,
                                       "identical_to_no_barrier": all(snapshot(a) == snapshot(b)
                                                                      for a, b in zip(eps_ours, eps_v)),

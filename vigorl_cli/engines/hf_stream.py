@@ -46,7 +46,7 @@ from vigorl_cli.engines.static_decode import (
     weight_addresses,
     weight_version,
 )
-from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, to_device
+from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, override, to_device
 from vigorl_cli.models.vision_attention import fused_attention
 
 
@@ -207,8 +207,9 @@ def bucket_width(w: int) -> int:
 class _PrefillGraphs:
     """The language model's part of a prefill at bucketed shapes, one CUDA graph per bucket.
 
-    A prefill's forward is launch-bound on a GPU (docs/performance.md, issue 7: ~13 ms of the language model's kernels
-    behind ~69 ms of host time for a 3B model). Its shape changes every prefill, so it is padded to a bucket: rows to
+    Meant for prefills whose host time exceeds their kernels' (a profiled 3B run showed ~13 ms of the language model's
+    kernels behind ~69 ms of host time; unprofiled at ~3,100 fed tokens per prefill the padding cost what the replays
+    saved: docs/performance.md, issue 7). Its shape changes every prefill, so it is padded to a bucket: rows to
     a power of two (at most the slot count), the fed width to :func:`bucket_width`, the cache read to a multiple of
     ``read_bucket``. Padding rows and columns write their keys and values to the dump column (:class:`SlotCache`) and
     see one cache position, so what the real rows compute is unchanged. The first :attr:`AFTER` prefills of a bucket run
@@ -377,7 +378,7 @@ class HFStreamingEngine(HFEngine):
         self.overlap = False
         self.prefill_min = max(1, self.slots // 4)  # rows worth a prefill while other slots decode
         # run the language model's part of a prefill at bucketed shapes (rows, fed width, cache read), as one CUDA
-        # graph per bucket on a GPU once a bucket comes back (_PrefillGraphs): a prefill's forward is launch-bound
+        # graph per bucket on a GPU once a bucket comes back (_PrefillGraphs), against a prefill's launch overhead
         # (docs/performance.md, issue 7). On CPU the same padded shapes run eagerly (tests). Off by default: on an H200
         # at ~3,100 fed tokens per prefill the padding cost what the replays saved (43.6 against 43.8 s, seventh session)
         self.prefill_graphs = False
@@ -793,21 +794,13 @@ class HFStreamingEngine(HFEngine):
         graphs = self._lm_graphs
         graphs.use_graphs = (self.model.device.type == "cuda" and self.use_graphs is not False
                              and graphs.capture_error is None)
-        had = "forward" in lm.__dict__
-        saved = lm.__dict__.get("forward")
         original = lm.forward
 
         def forward(*args, **kw):
             return graphs(original, cache, args, kw)
 
-        lm.forward = forward
-        try:
+        with override(lm, "forward", forward):
             yield
-        finally:
-            if had:
-                lm.forward = saved
-            else:
-                del lm.forward
 
     def _join(self, block: bool) -> None:
         """Start the rows of the prefill in flight (sample their first token, set their decode state): now if

@@ -300,6 +300,20 @@ def distinct_images(keys: list[Any]) -> tuple[list[int], list[int]]:
 
 
 @contextlib.contextmanager
+def override(obj: Any, name: str, value: Any):
+    """Within this block ``obj.<name>`` is ``value`` (an instance attribute, e.g. a module's ``forward``); afterwards
+    whatever instance override was there before (a timer, a compiled forward) comes back, or the class's again."""
+    had, saved = name in obj.__dict__, obj.__dict__.get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        obj.__dict__.pop(name, None)
+        if had:
+            obj.__dict__[name] = saved
+
+
+@contextlib.contextmanager
 def shared_image_features(model: Any, grid_unique, occurrence: list[int], known: dict[int, Any] | None = None,
                           on_encoded: Callable[[int, Any], None] | None = None, check: bool = True):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
@@ -359,17 +373,9 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
     def unchecked(input_ids, inputs_embeds=None, image_features=None, video_features=None, **kw):
         return type(core).get_placeholder_mask(core, input_ids, inputs_embeds=inputs_embeds, **kw)
 
-    saved = {name: obj.__dict__[name] for obj, name in ((visual, "forward"), (core, "get_placeholder_mask"))
-             if name in obj.__dict__}  # instance overrides already there (timers) come back afterwards
-    core.get_image_features = shared
-    visual.forward = on_device
-    if not check and hasattr(type(core), "get_placeholder_mask"):
-        core.get_placeholder_mask = unchecked
-    try:
+    with contextlib.ExitStack() as stack:  # instance overrides already there (timers) come back afterwards
+        stack.enter_context(override(core, "get_image_features", shared))
+        stack.enter_context(override(visual, "forward", on_device))
+        if not check and hasattr(type(core), "get_placeholder_mask"):
+            stack.enter_context(override(core, "get_placeholder_mask", unchecked))
         yield
-    finally:
-        del core.get_image_features  # back to the class method
-        for obj, name in ((visual, "forward"), (core, "get_placeholder_mask")):
-            obj.__dict__.pop(name, None)
-            if name in saved:
-                obj.__dict__[name] = saved[name]
