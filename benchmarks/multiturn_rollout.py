@@ -385,6 +385,9 @@ def main() -> None:
     ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
                     help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
                          "--nb-variants entry; the variants start from these)")
+    ap.add_argument("--no-share-prompts", action="store_true",
+                    help="hf: feed every row of a prefill, identical prompts too (engine.share_prompts=false), "
+                         "for both loops")
     ap.add_argument("--compile", action="store_true",
                     help="hf: model.compile's regional compile of the norms and MLPs (what GRPO's rollout copy gets "
                          "with model.compile), for both loops")
@@ -462,6 +465,9 @@ def main() -> None:
             special = sorted(set(processor.tokenizer.added_tokens_encoder.values()))
             for e in engines.values():
                 e.eos_ids, e.suppress = [], sorted(set(e.suppress) | set(special))
+        if args.no_share_prompts:
+            for e in engines.values():
+                e.share_prompts = False
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
         for sets in parse_variants(args.nb_set):
@@ -510,6 +516,7 @@ def main() -> None:
         eng = ScriptedToolUse(engine, processor.tokenizer, plan, seed=args.seed)
         eps = episodes(subset)
         reused = getattr(engine, "reused_tokens", None)
+        shared0 = getattr(engine, "shared_tokens", None)
         prefills0 = getattr(engine, "prefills", 0)
         steps0 = getattr(engine, "decode_steps", 0)
         fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
@@ -532,6 +539,8 @@ def main() -> None:
                "episodes_per_s": round(len(eps) / dt, 3), "tokens_per_s": round(eng.sampled_tokens / dt, 1),
                "finish": {f: sum(e.finish == f for e in eps) for f in sorted({e.finish for e in eps})},
                "errors": sum(e.finish == "error" for e in eps)}
+        if shared0 is not None:  # hf: prompt tokens not fed because another row of the prefill had the same prompt
+            out["shared_prompt_tokens"] = engine.shared_tokens - shared0
         if reused is not None:  # hf continuous batching: prompt tokens served from a slot's cached prefix
             out["reused_prompt_tokens"] = engine.reused_tokens - reused
             out["prefill_forwards"] = engine.prefills - prefills0

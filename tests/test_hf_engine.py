@@ -324,3 +324,38 @@ def test_image_features_of_keyed_images_are_reused_across_calls_until_the_vision
         assert seen == [pv1.shape[0]]  # new vision weights: encoded again
     finally:
         hook.remove()
+
+
+def test_static_decode_prefills_each_distinct_prompt_once(tiny_bundle):
+    """engine.static_cache with a request of n=3, a second request with the same prompt and image and another
+    request: the prefill forward has one row per distinct prompt (2), its keys and values are written to every row
+    that shows it, and each sample equals the dynamic cache's (which feeds every row). share_prompts=False feeds all."""
+    dyn = HFEngine(tiny_bundle, batch_size=8)
+    static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
+    same = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=16, n=3)
+    twin = _req(tiny_bundle, "What colour is it?", IM1, seed=2, max_new_tokens=16)
+    twin.image_keys, same.image_keys = ["k"], ["k"]
+    other = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=3, max_new_tokens=16)
+    reqs = [same, twin, other]
+    for share, rows in ((True, 2), (False, 5)):
+        static.share_prompts = share
+        fed = []
+        original = static.model.forward
+
+        def spy(*a, _original=original, _fed=fed, **kw):
+            _fed.append(tuple(kw["input_ids"].shape))
+            return _original(*a, **kw)
+
+        static.model.forward = spy
+        try:
+            got = static.generate(reqs)
+        finally:
+            del static.model.forward
+        assert fed[0][0] == rows and all(s[0] == 5 for s in fed[1:])  # the prefill, then decode steps of 5 rows
+        n = len(static.expand(same.prompt_ids, static.encode_images(same.images)[1]))
+        assert static.shared_tokens == 3 * n  # three rows copied the first one's (the second call adds none)
+        want = dyn.generate(reqs)
+        for w, g in zip(want, got, strict=True):
+            for a, b in zip(w, g, strict=True):
+                assert b.token_ids == a.token_ids
+                assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5)

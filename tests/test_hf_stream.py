@@ -699,8 +699,8 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs set the streaming
-    engine's scheduling;
-    left at None they keep its defaults; values below 1 are recipe errors naming the key."""
+    engine's scheduling; left at None they keep its defaults; values below 1 are recipe errors naming the key.
+    engine.share_prompts (default on) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
     from vigorl_cli.errors import RecipeError
     from vigorl_cli.recipe import load_recipe
@@ -708,13 +708,15 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     plain = hf_engine(tiny_bundle, load_recipe(None, ["engine.continuous_batching=true",
                                                       "engine.batch_size=8"]).engine)
     assert (plain.overlap, plain.prefill_min, plain.PREFILL_WAIT, plain.PREFILL_COVER,
-            plain.prefill_graphs) == (False, 2, 4, 16, False)
+            plain.prefill_graphs, plain.share_prompts) == (False, 2, 4, 16, False, True)
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
-                           "engine.prefill_graphs=true"])
+                           "engine.prefill_graphs=true", "engine.share_prompts=false"])
     eng = hf_engine(tiny_bundle, r.engine)
-    assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs) == \
-        (True, 3, 8, 24, True)
+    assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
+            eng.share_prompts) == (True, 3, 8, 24, True, False)
+    static = hf_engine(tiny_bundle, load_recipe(None, ["engine.static_cache=true", "engine.share_prompts=false"]).engine)
+    assert type(static) is HFEngine and static.share_prompts is False
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
     with pytest.raises(RecipeError, match="engine.prefill_wait"):
         load_recipe(None, ["engine.prefill_wait=0"])
@@ -732,3 +734,78 @@ def test_prefill_buckets_by_hand():
     assert g.bucket(3, 100, 513) == (4, 128, 1024)
     assert g.bucket(17, 300, 4000) == (24, 384, 4096)  # 32 rows > 24 slots
     assert _PrefillGraphs(torch.nn.Linear(1, 1), 8, 1000, 0).bucket(8, 64, 5) == (8, 64, 1001)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_identical_prompts_in_one_prefill_are_fed_once(tiny_bundle, overlap):
+    """A GRPO group (four single-sample requests with the same prompt and image key) and a request with n=3 start
+    together with a different request: the prefill feeds one row per distinct prompt (3 rows), the other slots copy
+    its keys and values, and every sample equals generate's (tokens, raw log-probs). An episode's next turn submitted
+    twice (one continues its parked slot) is fed only as that slot's new tokens; the other copies the whole prompt.
+    The same with ``overlap`` (the prefill beside the decode; its rows join a chunk later)."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=8, cache_len=1024, max_new_cap=32)
+    eng.overlap = overlap
+    group = []
+    for k in range(4):
+        r = _req(tiny_bundle, "What colour is it?", IM1, seed=10 + k, max_new_tokens=12)
+        r.image_keys = ["g/full"]
+        group.append(r)
+    many = _req(tiny_bundle, "Another one", IM2, seed=4, max_new_tokens=9, n=3)
+    other = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=7)
+    reqs = group + [many, other]
+    for i, r in enumerate(reqs):
+        eng.submit(r, i)
+    fed = []
+    original = eng.model.forward
+
+    def spy(*a, **kw):
+        fed.append(tuple(kw["input_ids"].shape))
+        return original(*a, **kw)
+
+    eng.model.forward = spy
+    try:
+        got, _ = _drain(eng)
+    finally:
+        del eng.model.forward
+    prefills = [s for s in fed if s[1] > 1]
+    assert len(prefills) == 1 and prefills[0][0] == 3  # 8 samples, 3 distinct prompts
+    lens = [len(eng.expand(r.prompt_ids, eng.encode_images(r.images)[1])) for r in (group[0], many)]
+    assert eng.shared_tokens == 3 * lens[0] + 2 * lens[1]
+    gen = HFEngine(tiny_bundle, batch_size=8)  # dynamic cache: every row fed
+    for i, r in enumerate(reqs):
+        want = gen.generate([r])[0]
+        for w, g in zip(want, got[i], strict=True):
+            assert g.token_ids == w.token_ids, i
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4), i
+
+    second = _next_turn(tiny_bundle, group[0], got[0][0], IM2, "g/crop")
+    twin = GenerationRequest(second.prompt_ids, second.images, SamplingParams(seed=77, max_new_tokens=9),
+                             image_keys=second.image_keys)
+    shared, reused, fed[:] = eng.shared_tokens, eng.reused_tokens, []
+    eng.model.forward = spy
+    try:
+        eng.submit(second, "a")
+        eng.submit(twin, "b")
+        got2, _ = _drain(eng)
+    finally:
+        del eng.model.forward
+    held = lens[0] + len(got[0][0].token_ids)  # turn 1's prompt and completion, in its parked slot
+    total = len(eng.expand(second.prompt_ids, eng.encode_images(second.images)[1]))
+    # one row fed: the new tokens of the slot that held turn 1 (the twin, in a group member's parked slot, would
+    # have reused at most turn 1's prompt and a common start of the completions)
+    assert [s for s in fed if s[1] > 1] == [(1, total - held)]
+    assert eng.reused_tokens - reused == held and 0 < eng.shared_tokens - shared <= total - lens[0]
+    _equal_generate(tiny_bundle, got2, {"a": second, "b": twin}, logprobs=True)
+
+    eng.share_prompts = False  # off: every row is fed
+    shared, fed[:] = eng.shared_tokens, []
+    eng.model.forward = spy
+    try:
+        eng.submit(group[1], "c")
+        eng.submit(group[2], "d")
+        got3, _ = _drain(eng)
+    finally:
+        del eng.model.forward
+    # two rows, each feeding the last prompt token (group members' parked slots hold the rest)
+    assert fed[0] == (2, 1) and eng.shared_tokens == shared
+    _equal_generate(tiny_bundle, got3, {"c": group[1], "d": group[2]}, logprobs=True)

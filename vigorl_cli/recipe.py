@@ -154,6 +154,9 @@ class EngineConfig:
                                          "cache (each decode step one CUDA graph on a GPU): episodes run without a "
                                          "turn barrier, as with vllm; cache length engine.max_model_len (default "
                                          "grpo's max_prompt_len + max_response_len, else 8192); single process")
+    share_prompts: bool = F(True, "hf (static_cache, continuous_batching): rows of one prefill with the same prompt "
+                                  "(tokens and image keys: a GRPO group's first turns, a request's n samples) are "
+                                  "fed once, the others copy its keys and values")
     prefill_overlap: bool | None = F(None, "hf continuous batching: prefill on a side CUDA stream beside the decode "
                                            "(None: the engine's default, off; docs/performance.md, issue 7)")
     prefill_min: int | None = F(None, "hf continuous batching: rows worth a prefill while other slots decode "

@@ -23,10 +23,13 @@ def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None
             value = getattr(engine_cfg, key, None)
             if value is not None:  # ranges: recipe.check_semantics
                 setattr(eng, attr, bool(value) if attr in ("overlap", "prefill_graphs") else int(value))
-        return eng
-    from vigorl_cli.engines.hf import HFEngine
+    else:
+        from vigorl_cli.engines.hf import HFEngine
 
-    return HFEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache, **kw)
+        eng = HFEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache,
+                       **kw)
+    eng.share_prompts = bool(getattr(engine_cfg, "share_prompts", True))
+    return eng
 
 
 def make_engine(backend: str, model: str, engine_cfg: Any, model_cfg: Any, seed: int = 0, bundle: Any = None):

@@ -167,6 +167,10 @@ class HFEngine:
         self.synced_gpus = bool(synced_gpus)
         self.static_cache = bool(static_cache) and not synced_gpus
         self.dedupe_images = True
+        # identical prompts in one prefill are fed once, their keys and values copied (static decode loop and
+        # continuous batching; the dynamic-cache generate path feeds every row)
+        self.share_prompts = True
+        self.shared_tokens = 0  # prompt tokens not fed because another row of the prefill had the same prompt
         self.generate_fn = generate_fn
         self.bundle = bundle
         self.model = bundle.model
@@ -217,6 +221,12 @@ class HFEngine:
         for _ in range(n_runs - len(chunks)):  # synced: this rank has fewer batches than another
             self._run([self._dummy_request()], [(0, 0, 0)])
         return [[c for c in lst if c is not None] for lst in out]
+
+    @staticmethod
+    def _image_keys(req: GenerationRequest) -> list:
+        """The identity of each of the request's images: its ``image_keys`` entry, else the image object itself."""
+        return [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
+                for j, img in enumerate(req.images)]
 
     def _dummy_request(self) -> GenerationRequest:
         """One blank image, one token: what a synced rank without work of its own runs alongside the others."""
@@ -314,12 +324,20 @@ class HFEngine:
         images: list[Any] = []  # every occurrence, in row order
         keys: list[Any] = []
         row_occ: list[list[int]] = []  # per row: its occurrences
-        for ri, _, _ in chunk:
+        # Rows with the same prompt (tokens and image keys: a GRPO group's first turns, a request's n samples) are
+        # prefilled once by our decode loop, which copies that row's keys and values to the others (``expand``).
+        feed, expand = chunk, None
+        if self._decoder is not None and self.share_prompts and len(chunk) > 1:
+            first_row, expand = distinct_images([(tuple(requests[ri].prompt_ids),
+                                                  tuple(self._image_keys(requests[ri]))) for ri, _, _ in chunk])
+            feed = [chunk[i] for i in first_row]
+            if len(feed) == len(chunk):
+                expand = None
+        for ri, _, _ in feed:
             req = requests[ri]
             row_occ.append(list(range(len(images), len(images) + len(req.images))))
-            for j, img in enumerate(req.images):
-                images.append(img)
-                keys.append(req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img)))
+            images += list(req.images)
+            keys += self._image_keys(req)
         first, occ = distinct_images(keys)  # occ: occurrence → index into the distinct images
         uniq = [images[i] for i in first]
         share = bool(self.dedupe_images and uniq and self.bundle.kind in SHARED_IMAGE_KINDS)
@@ -337,7 +355,7 @@ class HFEngine:
             grid_u = torch.stack(rows)
         grid_occ = grid_u[torch.tensor(occ, dtype=torch.long)] if uniq else None  # [n_occurrences, 3]
         ids_rows = []
-        for (ri, _, _), mine in zip(chunk, row_occ):
+        for (ri, _, _), mine in zip(feed, row_occ):
             ids_rows.append(self.expand(requests[ri].prompt_ids, grid_occ[mine] if mine else None))
         if uniq and not share:  # every occurrence encoded (models whose image features we do not re-use)
             sizes = grid_u.prod(-1).tolist()
@@ -350,6 +368,8 @@ class HFEngine:
         else:
             pix = []
         grids = [grid_occ] if uniq else []
+        if expand is not None:
+            self.shared_tokens += sum(len(ids_rows[u]) for u in expand) - sum(len(r) for r in ids_rows)
         width = max(len(r) for r in ids_rows)
         if self.static_cache:  # a bounded set of prompt widths: fewer shapes for the compiled decode step
             width = -(-width // self.WIDTH_BUCKET) * self.WIDTH_BUCKET
@@ -379,7 +399,7 @@ class HFEngine:
                 toks, lps = self._decoder.generate(
                     inputs, params, [s for _, _, s in chunk], cache_len, self.eos_ids, self.suppress,
                     stop_hit=stop_hit if params.stop else None,
-                    autocast_dtype=self.autocast_dtype, limits=limits)
+                    autocast_dtype=self.autocast_dtype, limits=limits, expand=expand)
             return [self._finish(toks[i][:limits[i]], lps[i][:limits[i]], params) for i in range(len(chunk))]
         sampler = SeededSampler(params, [s for _, _, s in chunk], self.suppress, device=device)
         gc = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,

@@ -114,6 +114,12 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
+        """Slot ``dst[i]`` gets the keys and values of slot ``src[i]``'s positions ``[0, n)``, in every layer."""
+        for kv in (self.keys, self.values):
+            for t in kv:
+                t[dst, :, :n] = t[src, :, :n]
+
 
 @dataclass
 class _Row:
@@ -637,12 +643,6 @@ class HFStreamingEngine(HFEngine):
                 entry[4] = e
         return entry[4]
 
-    @staticmethod
-    def _image_keys(req: GenerationRequest) -> list:
-        """The identity of each of the request's images: its ``image_keys`` entry, else the image object itself."""
-        return [req.image_keys[j] if req.image_keys and j < len(req.image_keys) else ("id", id(img))
-                for j, img in enumerate(req.images)]
-
     def _process(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(pixels, grid row)`` per image, processed in one call."""
         if not images:
@@ -722,6 +722,9 @@ class HFStreamingEngine(HFEngine):
             todo.append(t)
         if not todo:
             return
+        # rows whose whole prompt another row also has (a GRPO group's first turns, a request's n samples): fed once,
+        # its keys and values then copied to their slots (as vLLM's prefix caching computes them once)
+        todo, copies = self._shared(todo) if self.share_prompts else (todo, [])
         n = len(todo)
         lens = [len(t.prep.ids) for t in todo]
         news = [ln - t.reused for ln, t in zip(lens, todo)]  # tokens to feed per row
@@ -770,16 +773,40 @@ class HFStreamingEngine(HFEngine):
                                      **extra)
             finally:
                 cache.rows, cache.dst, cache.read = None, None, 0
+            logits = out.logits[:, -1]
+            if copies:
+                at = {id(t): b for b, t in enumerate(todo)}
+                src = to_device(torch.tensor([at[id(s)] for _, s in copies]), device)
+                cache.copy(to_device(torch.tensor([s.slot for _, s in copies]), device),
+                           to_device(torch.tensor([c.slot for c, _ in copies]), device),
+                           max(len(c.prep.ids) for c, _ in copies))
+                logits = torch.cat([logits, logits[src]])
+                for c, s in copies:
+                    c.positions = s.positions
             event = torch.cuda.Event() if streams is not None else None
             if event is not None:
                 event.record(streams[1])
-        self._pending = _Pending(todo, out.logits[:, -1], weight_version(self.model), event, self._collects)
+        self._pending = _Pending(todo + [c for c, _ in copies], logits, weight_version(self.model), event,
+                                 self._collects)
+        self.shared_tokens += sum(len(c.prep.ids) - c.reused for c, _ in copies)
         self.reused_tokens += sum(t.reused for t in todo)
         self.prefills += 1
         self.prefill_tokens[0] += sum(news)
         self.prefill_tokens[1] += n * W
         if not self.overlap:
             self._join(block=True)
+
+    @staticmethod
+    def _shared(todo: list[_Start]) -> tuple[list[_Start], list[tuple[_Start, _Start]]]:
+        """``(rows to feed, [(copy, source)])``: of the rows with the same prompt (tokens and image keys) only one is
+        fed — the one whose slot already holds the most of it — and the others copy its slot's keys and values."""
+        first, occ = distinct_images([(tuple(t.prep.ids), tuple(t.prep.keys)) for t in todo])
+        src = list(first)  # per distinct prompt: the row to feed
+        for i, u in enumerate(occ):
+            if todo[i].reused > todo[src[u]].reused:
+                src[u] = i
+        feed = [todo[i] for i in src]
+        return feed, [(t, todo[src[u]]) for i, (t, u) in enumerate(zip(todo, occ)) if i != src[u]]
 
     @contextlib.contextmanager
     def _graphed_lm(self, cache: SlotCache):

@@ -159,6 +159,27 @@ def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
     return g, None
 
 
+class _Expanded:
+    """A cache seen through a prefill of distinct prompts: batch row ``u`` of the forward is every cache row ``b`` with
+    ``rows[b] == u``. Each layer's new keys and values go to all of those rows; attention reads one of them (they are
+    equal). Everything else is the wrapped cache's."""
+
+    def __init__(self, cache: Any, rows: list[int], device: torch.device):
+        self._cache = cache
+        self._rows = torch.tensor(rows, dtype=torch.long, device=device)
+        first: dict[int, int] = {}
+        for b, u in enumerate(rows):
+            first.setdefault(u, b)
+        self._first = torch.tensor([first[u] for u in range(len(first))], dtype=torch.long, device=device)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        k, v = self._cache.update(key_states[self._rows], value_states[self._rows], layer_idx, *args, **kwargs)
+        return k[self._first], v[self._first]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
 @dataclass
 class _State:
     """Everything one captured decode step reads and writes: fixed addresses, reused across calls."""
@@ -258,18 +279,22 @@ class StaticDecoder:
     @torch.no_grad()
     def generate(self, inputs: dict[str, Any], params: Any, seeds: list[int], cache_len: int,
                  eos_ids: list[int], suppress_ids: list[int], stop_hit: Any = None,
-                 autocast_dtype: torch.dtype | None = None,
-                 limits: list[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 autocast_dtype: torch.dtype | None = None, limits: list[int] | None = None,
+                 expand: list[int] | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Sample ``params.max_new_tokens`` tokens (fewer when every row finished) for left-padded ``inputs``.
 
         ``inputs``: input_ids / attention_mask ``[B, W]``, mm_token_type_ids, optionally pixel_values and
         image_grid_thw. ``eos_ids`` end a row; ``suppress_ids`` are never sampled. ``stop_hit(row, tokens) -> bool``:
         whether a row's tokens so far hold a stop string (checked every :attr:`CHECK_EVERY` steps). ``limits``: per
-        row, its own token limit (a row past it counts as finished; the caller cuts it). Returns per row the sampled
-        tokens and their raw log-probs (untruncated)."""
+        row, its own token limit (a row past it counts as finished; the caller cuts it). ``expand``: the rows to
+        sample, as indices into the rows of ``inputs`` (distinct prompts, each prefilled once: its keys and values
+        are written to every row that shows it); ``seeds`` and ``limits`` are then per sampled row. Returns per
+        sampled row the sampled tokens and their raw log-probs (untruncated)."""
         input_ids, attn = inputs["input_ids"], inputs["attention_mask"]
         device = input_ids.device
-        B, W = input_ids.shape
+        U, W = input_ids.shape
+        B = len(expand) if expand is not None else U
+        rows = torch.tensor(expand, dtype=torch.long, device=device) if expand is not None else None
         max_new = int(params.max_new_tokens)
         if W + max_new > cache_len:
             raise ValueError(f"cache length {cache_len} < prompt width {W} + {max_new} new tokens")
@@ -283,14 +308,15 @@ class StaticDecoder:
 
         # prefill: the prompt into slots [0, W), the first token sampled from its last position
         pos = prompt_positions(self.model, input_ids, attn, inputs["mm_token_type_ids"],
-                               inputs.get("image_grid_thw"))  # [3, B, W]
+                               inputs.get("image_grid_thw"))  # [3, U, W]
         valid = attn.bool()
-        pre = torch.zeros((B, 1, W, cache_len), dtype=torch.bool, device=device)
+        pre = torch.zeros((U, 1, W, cache_len), dtype=torch.bool, device=device)
         pre[:, 0, :, :W] = prompt_mask(valid)
         st.cache.reset()
+        seen = input_ids if rows is None else input_ids[rows]  # one row per sample from here on
         st.seeds.copy_(torch.tensor([int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long))
-        st.hist.copy_(input_ids[:, -1:].expand(B, cache_len))
-        st.hist[:, :W] = input_ids
+        st.hist.copy_(seen[:, -1:].expand(B, cache_len))
+        st.hist[:, :W] = seen
         st.done.zero_()
         st.step.fill_(0)
         st.width.fill_(W)
@@ -300,10 +326,14 @@ class StaticDecoder:
 
         with autocast, fused_attention(device):  # prompt widths vary: no per-shape cuDNN planning
             out = self.model(input_ids=input_ids, attention_mask=self._as_mask(pre, dtype), position_ids=pos,
-                             past_key_values=st.cache, use_cache=True, logits_to_keep=1,
-                             mm_token_type_ids=inputs["mm_token_type_ids"], **extra)
-            self._sample_record(st, out.logits[:, -1], params)
-        del out
+                             past_key_values=st.cache if rows is None else _Expanded(st.cache, expand, device),
+                             use_cache=True, logits_to_keep=1, mm_token_type_ids=inputs["mm_token_type_ids"],
+                             **extra)
+            logits = out.logits[:, -1]
+            self._sample_record(st, logits if rows is None else logits[rows], params)
+        del out, logits
+        if rows is not None:
+            valid, pos = valid[rows], pos[:, rows]
         # decode state: the first token goes to slot W at position max(prompt position) + 1
         st.mask.copy_(self._as_mask(torch.zeros_like(st.mask, dtype=torch.bool), dtype))
         st.mask[:, 0, 0, :W] = self._as_mask(valid, dtype)
