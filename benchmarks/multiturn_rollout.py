@@ -385,9 +385,8 @@ def main() -> None:
     ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
                     help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
                          "--nb-variants entry; the variants start from these)")
-    ap.add_argument("--no-share-prompts", action="store_true",
-                    help="hf: feed every row of a prefill, identical prompts too (engine.share_prompts=false), "
-                         "for both loops")
+    ap.add_argument("--share-prompts", action="store_true",
+                    help="hf: identical prompts in one prefill are fed once (engine.share_prompts), for both loops")
     ap.add_argument("--compile", action="store_true",
                     help="hf: model.compile's regional compile of the norms and MLPs (what GRPO's rollout copy gets "
                          "with model.compile), for both loops")
@@ -465,9 +464,9 @@ def main() -> None:
             special = sorted(set(processor.tokenizer.added_tokens_encoder.values()))
             for e in engines.values():
                 e.eos_ids, e.suppress = [], sorted(set(e.suppress) | set(special))
-        if args.no_share_prompts:
+        if args.share_prompts:
             for e in engines.values():
-                e.share_prompts = False
+                e.share_prompts = True
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
         for sets in parse_variants(args.nb_set):
@@ -550,7 +549,8 @@ def main() -> None:
             out["prefill_tokens_padded"] = engine.prefill_tokens[1] - fed0[1]
             out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
                                                                  "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
-                                                                 "PREFILL_COVER", "prefill_graphs")}
+                                                                 "PREFILL_COVER", "prefill_graphs", "prefill_eager",
+                                                                 "share_prompts")}
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,

@@ -698,9 +698,9 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
-    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs set the streaming
+    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager set the streaming
     engine's scheduling; left at None they keep its defaults; values below 1 are recipe errors naming the key.
-    engine.share_prompts (default on) reaches both HF engines."""
+    engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
     from vigorl_cli.errors import RecipeError
     from vigorl_cli.recipe import load_recipe
@@ -708,15 +708,16 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     plain = hf_engine(tiny_bundle, load_recipe(None, ["engine.continuous_batching=true",
                                                       "engine.batch_size=8"]).engine)
     assert (plain.overlap, plain.prefill_min, plain.PREFILL_WAIT, plain.PREFILL_COVER,
-            plain.prefill_graphs, plain.share_prompts) == (False, 2, 4, 16, False, True)
+            plain.prefill_graphs, plain.share_prompts) == (False, 2, 4, 16, False, False)
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
-                           "engine.prefill_graphs=true", "engine.share_prompts=false"])
+                           "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true"])
     eng = hf_engine(tiny_bundle, r.engine)
     assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
-            eng.share_prompts) == (True, 3, 8, 24, True, False)
-    static = hf_engine(tiny_bundle, load_recipe(None, ["engine.static_cache=true", "engine.share_prompts=false"]).engine)
-    assert type(static) is HFEngine and static.share_prompts is False
+            eng.share_prompts, eng.prefill_eager) == (True, 3, 8, 24, True, True, True)
+    assert plain.prefill_eager is False
+    static = hf_engine(tiny_bundle, load_recipe(None, ["engine.static_cache=true", "engine.share_prompts=true"]).engine)
+    assert type(static) is HFEngine and static.share_prompts is True
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
     with pytest.raises(RecipeError, match="engine.prefill_wait"):
         load_recipe(None, ["engine.prefill_wait=0"])
@@ -744,7 +745,7 @@ def test_identical_prompts_in_one_prefill_are_fed_once(tiny_bundle, overlap):
     twice (one continues its parked slot) is fed only as that slot's new tokens; the other copies the whole prompt.
     The same with ``overlap`` (the prefill beside the decode; its rows join a chunk later)."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=8, cache_len=1024, max_new_cap=32)
-    eng.overlap = overlap
+    eng.overlap, eng.share_prompts = overlap, True
     group = []
     for k in range(4):
         r = _req(tiny_bundle, "What colour is it?", IM1, seed=10 + k, max_new_tokens=12)
@@ -809,3 +810,36 @@ def test_identical_prompts_in_one_prefill_are_fed_once(tiny_bundle, overlap):
     # two rows, each feeding the last prompt token (group members' parked slots hold the rest)
     assert fed[0] == (2, 1) and eng.shared_tokens == shared
     _equal_generate(tiny_bundle, got3, {"c": group[1], "d": group[2]}, logprobs=True)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_prefill_eager_sets_the_compiled_blocks_aside_for_prefills_only(tiny_bundle, plain):
+    """With model.compile's blocks installed (models/compile.py: a per-module ``forward`` override; counted here),
+    ``prefill_eager`` runs every prefill through the modules' own code and the decode steps through the compiled
+    ones; without it both use them. The samples are generate's either way, and the overrides stay installed."""
+    from vigorl_cli.models import compile as C
+
+    calls = {"prefill": 0, "decode": 0}
+
+    def counting(mod):
+        def forward(x, *a, **kw):
+            calls["decode" if x.dim() == 3 and x.shape[1] == 1 else "prefill"] += 1
+            return type(mod).forward(mod, x, *a, **kw)
+        return forward
+
+    targets = C.compile_targets(tiny_bundle.model)
+    for m in targets:
+        m.forward = counting(m)
+    try:
+        eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=16)
+        eng.prefill_eager = plain
+        reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=10),
+                _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=6)]
+        for i, r in enumerate(reqs):
+            eng.submit(r, i)
+        got, _ = _drain(eng)
+        assert calls["decode"] > 0 and (calls["prefill"] == 0) == plain
+        assert C.is_compiled(tiny_bundle.model)
+    finally:
+        C.uncompile(tiny_bundle.model)
+    _equal_generate(tiny_bundle, got, dict(enumerate(reqs)), logprobs=True)

@@ -154,9 +154,10 @@ class EngineConfig:
                                          "cache (each decode step one CUDA graph on a GPU): episodes run without a "
                                          "turn barrier, as with vllm; cache length engine.max_model_len (default "
                                          "grpo's max_prompt_len + max_response_len, else 8192); single process")
-    share_prompts: bool = F(True, "hf (static_cache, continuous_batching): rows of one prefill with the same prompt "
-                                  "(tokens and image keys: a GRPO group's first turns, a request's n samples) are "
-                                  "fed once, the others copy its keys and values")
+    share_prompts: bool = F(False, "hf (static_cache, continuous_batching): rows of one prefill with the same prompt "
+                                   "(tokens and image keys: a GRPO group's first turns, a request's n samples) are "
+                                   "fed once, the others copy its keys and values (not faster yet on an H200: "
+                                   "docs/performance.md)")
     prefill_overlap: bool | None = F(None, "hf continuous batching: prefill on a side CUDA stream beside the decode "
                                            "(None: the engine's default, off; docs/performance.md, issue 7)")
     prefill_min: int | None = F(None, "hf continuous batching: rows worth a prefill while other slots decode "
@@ -167,6 +168,9 @@ class EngineConfig:
                                         "an overlapped prefill (None: the engine's, 16)")
     prefill_graphs: bool | None = F(None, "hf continuous batching: the language model's prefill at bucketed shapes, "
                                           "one CUDA graph per bucket on a GPU (None: the engine's default, off)")
+    prefill_eager: bool | None = F(None, "hf continuous batching: prefills without model.compile's compiled norms "
+                                         "and MLPs (less host time per prefill; decode keeps them) (None: the "
+                                         "engine's default, off)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

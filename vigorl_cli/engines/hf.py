@@ -168,8 +168,10 @@ class HFEngine:
         self.static_cache = bool(static_cache) and not synced_gpus
         self.dedupe_images = True
         # identical prompts in one prefill are fed once, their keys and values copied (static decode loop and
-        # continuous batching; the dynamic-cache generate path feeds every row)
-        self.share_prompts = True
+        # continuous batching; the dynamic-cache generate path feeds every row). Off by default: on an H200 the
+        # turn-synchronous multi-turn loop did not get faster with it (209.1 s against 208.9 / 209.4 s, 485k prompt
+        # tokens not fed) and the no-barrier loop's one run with it was slower (docs/performance.md, issue 7)
+        self.share_prompts = False
         self.shared_tokens = 0  # prompt tokens not fed because another row of the prefill had the same prompt
         self.generate_fn = generate_fn
         self.bundle = bundle

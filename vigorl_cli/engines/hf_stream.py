@@ -46,6 +46,7 @@ from vigorl_cli.engines.static_decode import (
     weight_addresses,
     weight_version,
 )
+from vigorl_cli.models.compile import eager
 from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, override, to_device
 from vigorl_cli.models.vision_attention import fused_attention
 
@@ -389,6 +390,11 @@ class HFStreamingEngine(HFEngine):
         # at ~3,100 fed tokens per prefill the padding cost what the replays saved (43.6 against 43.8 s, seventh session)
         self.prefill_graphs = False
         self._lm_graphs: _PrefillGraphs | None = None
+        # run prefills without model.compile's compiled norms and MLPs (models/compile.py; decode steps keep them):
+        # on an H200 a compiled region's call cost 170-460 µs of host time (profiled) against ~100 µs for its eager
+        # ops, ~200 calls per prefill, and a prefill's launches are what the GPU waits for (docs/performance.md,
+        # issue 7). Off by default until measured
+        self.prefill_eager = False
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
@@ -765,8 +771,9 @@ class HFStreamingEngine(HFEngine):
             cache = st["cache"]
             cache.rows, cache.dst, cache.read = to_device(torch.tensor([t.slot for t in todo]), device), dst, read
             graphed = self._graphed_lm(cache) if self.prefill_graphs else contextlib.nullcontext()
+            plain = eager(self.model) if self.prefill_eager else contextlib.nullcontext()
             try:  # shapes change every prefill: no per-shape cuDNN planning (vision_attention.fused_attention)
-                with self._autocast(), fused_attention(device), features, graphed:
+                with self._autocast(), fused_attention(device), features, graphed, plain:
                     out = self.model(input_ids=feed, attention_mask=see[:, None], position_ids=pos,
                                      past_key_values=cache, use_cache=True, logits_to_keep=1,
                                      mm_token_type_ids=mm_token_type_ids(feed, self.model.config),
