@@ -168,17 +168,22 @@ def test_static_cache_gives_the_dynamic_cache_tokens_and_logprobs(tiny_bundle):
 @pytest.mark.parametrize("name,attn", [("tiny-qwen2-vl", "sdpa"), ("tiny-qwen3-vl", "sdpa"),
                                        ("tiny-qwen2.5-vl", "eager")])
 def test_static_decode_matches_generate_for_every_qwen_family_and_eager_attention(name, attn):
-    """Qwen2-VL and Qwen3-VL positions come from their own get_rope_index; eager attention takes an additive mask."""
+    """Qwen2-VL and Qwen3-VL positions come from their own get_rope_index; eager attention takes an additive mask.
+    The same with share_prompts (a request of n=2: one prefill row written to two cache rows)."""
     from vigorl_cli.models.load import load_model
 
     bundle = load_model(name, attn_implementation=attn)
     dyn, static = HFEngine(bundle, batch_size=8), HFEngine(bundle, batch_size=8, static_cache=True)
     assert static._decoder is not None and static._decoder.additive_mask == (attn == "eager")
     reqs = [_req(bundle, "What colour is it?", IM1, seed=1, max_new_tokens=20),
-            _req(bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=20)]
-    for w, g in zip(dyn.generate(reqs), static.generate(reqs), strict=True):
-        assert g[0].token_ids == w[0].token_ids
-        assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-5)
+            _req(bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=20, n=2)]
+    for share in (False, True):
+        static.share_prompts = share
+        for w, g in zip(dyn.generate(reqs), static.generate(reqs), strict=True):
+            for a, b in zip(w, g, strict=True):
+                assert b.token_ids == a.token_ids
+                assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5)
+    assert static.shared_tokens > 0
 
 
 def test_static_decode_stops_early_once_every_row_finished(tiny_bundle):
@@ -329,15 +334,17 @@ def test_image_features_of_keyed_images_are_reused_across_calls_until_the_vision
 def test_static_decode_prefills_each_distinct_prompt_once(tiny_bundle):
     """engine.static_cache with a request of n=3, a second request with the same prompt and image and another
     request: the prefill forward has one row per distinct prompt (2), its keys and values are written to every row
-    that shows it, and each sample equals the dynamic cache's (which feeds every row). share_prompts=False feeds all."""
+    that shows it, and each sample equals the dynamic cache's (which feeds every row), with a repetition penalty too
+    (its history holds each row's prompt). share_prompts=False feeds all."""
     dyn = HFEngine(tiny_bundle, batch_size=8)
     static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
-    same = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=16, n=3)
-    twin = _req(tiny_bundle, "What colour is it?", IM1, seed=2, max_new_tokens=16)
-    twin.image_keys, same.image_keys = ["k"], ["k"]
-    other = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=3, max_new_tokens=16)
-    reqs = [same, twin, other]
-    for share, rows in ((True, 2), (False, 5)):
+    for share, rows, kw in ((True, 2, {}), (False, 5, {}), (True, 2, {"repetition_penalty": 1.3, "top_k": 20})):
+        same = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=16, n=3, **kw)
+        twin = _req(tiny_bundle, "What colour is it?", IM1, seed=2, max_new_tokens=16, **kw)
+        twin.image_keys, same.image_keys = ["k"], ["k"]
+        other = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=3, max_new_tokens=16,
+                     **kw)
+        reqs = [same, twin, other]
         static.share_prompts = share
         fed = []
         original = static.model.forward
@@ -353,7 +360,7 @@ def test_static_decode_prefills_each_distinct_prompt_once(tiny_bundle):
             del static.model.forward
         assert fed[0][0] == rows and all(s[0] == 5 for s in fed[1:])  # the prefill, then decode steps of 5 rows
         n = len(static.expand(same.prompt_ids, static.encode_images(same.images)[1]))
-        assert static.shared_tokens == 3 * n  # three rows copied the first one's (the second call adds none)
+        assert static.shared_tokens == 3 * n * (1 + (share and bool(kw)))  # three rows copied the first one's
         want = dyn.generate(reqs)
         for w, g in zip(want, got, strict=True):
             for a, b in zip(w, g, strict=True):

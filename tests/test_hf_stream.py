@@ -111,10 +111,12 @@ def test_no_barrier_multiturn_episodes_equal_the_turn_synchronous_ones():
     assert r["no_barrier"]["graphs_captured"] == 0 and r["no_barrier"]["capture_error"] is None  # CPU: eager
 
 
-@pytest.mark.parametrize("pipeline,overlap,cover,graphs", [
-    (False, False, 16, False), (True, False, 16, False), (False, True, 16, False), (True, True, 16, False),
-    (True, True, 5, False), (True, True, 40, False), (True, False, 16, True), (True, True, 16, True)])
-def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap, cover, graphs):
+@pytest.mark.parametrize("pipeline,overlap,cover,graphs,share", [
+    (False, False, 16, False, False), (True, False, 16, False, False), (False, True, 16, False, False),
+    (True, True, 16, False, False), (True, True, 5, False, False), (True, True, 40, False, False),
+    (True, False, 16, True, False), (True, True, 16, True, False), (False, False, 16, False, True),
+    (True, False, 16, False, True), (True, True, 16, True, True)])
+def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipeline, overlap, cover, graphs, share):
     """Seeded random workloads: requests arrive between polls (as the no-barrier loop submits next turns), with
     random n, limits, stop strings and images, through 1–4 slots; every sample equals generate's. Also with
     ``pipeline`` (a GPU's default; forced here): the next chunk is launched before poll returns, and requests
@@ -122,16 +124,19 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
     decoding slots one chunk later, their slots decoding into the dump column meanwhile, and the chunk launched
     before such a prefill is ``PREFILL_COVER`` steps long (40: longer than any limit here, so finished rows decode
     on for many steps before their collect); and with ``prefill_graphs``: the language model's part of every
-    prefill runs at a bucketed shape (padding rows and columns; eagerly on CPU, a CUDA graph per bucket on a GPU)."""
+    prefill runs at a bucketed shape (padding rows and columns; eagerly on CPU, a CUDA graph per bucket on a GPU);
+    and with ``share_prompts``: rows of a prefill with the same prompt (n=2, a repeated text and image) are fed once."""
     import random
 
     gen = HFEngine(tiny_bundle, batch_size=8)
     texts = ["What colour is it?", "x", "Where is the dog in this much longer question?", "count the boxes"]
+    shared = 0
     for trial in range(3):
         rng = random.Random(trial)
         eng = HFStreamingEngine(tiny_bundle, batch_size=rng.randint(1, 4), cache_len=512, max_new_cap=24)
         assert eng.pipeline is False and eng.overlap is False  # defaults on CPU
         eng.pipeline, eng.overlap, eng.PREFILL_COVER, eng.prefill_graphs = pipeline, overlap, cover, graphs
+        eng.share_prompts = share
         reqs = [_req(tiny_bundle, rng.choice(texts), rng.choice([IM1, IM2, None]), seed=100 * trial + i,
                      max_new_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 2]),
                      stop=rng.choice([(), ("e",), ("a", "o")]))
@@ -152,6 +157,8 @@ def test_random_arrivals_slot_counts_and_limits_match_generate(tiny_bundle, pipe
                                   torch.tensor([x for c in want for x in c.logprobs]), atol=1e-4), (trial, i)
         if graphs:  # every prefill went through the buckets (eagerly: no CUDA graphs on CPU)
             assert eng._lm_graphs.padded == eng.prefills > 0 and eng._lm_graphs.captures == 0
+        shared += eng.shared_tokens
+    assert (shared > 0) == share
 
 
 def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
