@@ -239,17 +239,16 @@ def time_streams(engine: Any) -> None:
         streams = engine._cuda_streams() if hasattr(engine, "_cuda_streams") else None
         return streams[1] if streams else torch.cuda.current_stream()
 
-    for name, stream_of in (("poll", None), ("_fill", None), ("_collect", None), ("_prepare", None),
-                            ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream)):
-        fn = getattr(engine, name, None)
+    def wrap(obj, attr, name, stream_of):
+        fn = getattr(obj, attr, None)
         if fn is None:
-            continue
+            return
 
         @functools.wraps(fn)
         def timed(*a, _fn=fn, _name=name, _stream=stream_of, **kw):
             rec = engine.bench_streams.setdefault(_name, {"host_s": 0.0, "calls": 0, "events": []})
-            ev = None
-            if _stream is not None and torch.cuda.is_available():
+            ev = None  # (no events inside a CUDA graph capture: a decode step's forward is captured)
+            if _stream is not None and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), _stream())
                 ev[0].record(ev[2])
             t = time.perf_counter()
@@ -262,7 +261,18 @@ def time_streams(engine: Any) -> None:
                     ev[1].record(ev[2])
                     rec["events"].append(ev[:2])
 
-        setattr(engine, name, timed)
+        setattr(obj, attr, timed)
+
+    for name, stream_of in (("poll", None), ("_fill", None), ("_collect", None), ("_prepare", None),
+                            ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream)):
+        wrap(engine, name, name, stream_of)
+    # inside a prefill: the vision tower and the language model (on the stream the prefill runs on; decode steps
+    # replay CUDA graphs and never call them), so that a prefill's host and device time split by part
+    inner = getattr(engine.model, "model", engine.model)
+    for attr in ("visual", "language_model"):
+        mod = getattr(inner, attr, None)
+        if mod is not None:
+            wrap(mod, "forward", attr, torch.cuda.current_stream)
 
 
 def sync_sites(engine: Any) -> None:
