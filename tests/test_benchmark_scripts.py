@@ -96,3 +96,19 @@ def test_attention_kernels_benchmark_arms_agree_with_the_per_sample_reference(tm
     results = json.loads(out.read_text())["results"]
     assert {"block-mask", "padded", "vigorl"} <= results.keys()
     assert all(r["rel_l2_vs_fp32"] < 1e-5 and r["fwd_bwd_ms"] > 0 for r in results.values())
+
+
+def test_decode_attention_arms_agree_with_a_float64_reference():
+    """benchmarks/decode_attention.py on CPU (fp32, small shapes): every kernel arm that runs here (HF's repeated
+    keys, our grouped sdpa, sdpa's math backend, the written-out matrix products) gives the masked attention of a
+    float64 per-head reference; backends that need a GPU are reported as skipped, not as failures."""
+    bench = _load("decode_attention")
+    import torch
+
+    rows = bench.run(batch=3, widths=[40, 96], heads=4, kv_heads=2, dim=16, dtype=torch.float32,
+                     device=torch.device("cpu"), layers=1, reps=1)
+    for row in rows:
+        ran = {k: a for k, a in row["arms"].items() if "us_per_call" in a}
+        assert {"hf_repeat", "grouped", "grouped_math", "grouped_matmul"} <= ran.keys()
+        assert all(a["rel_err"] < 1e-5 for a in ran.values()), row
+        assert all("skipped" in a for k, a in row["arms"].items() if k not in ran)
