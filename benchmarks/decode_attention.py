@@ -13,7 +13,9 @@ decode step at 32 slots — in cuDNN's masked flash kernel, for a few MB of keys
                     that head's queries, sdpa on the cache as stored; torch picks the kernel
   grouped_cudnn / grouped_efficient / grouped_math
                     the same with sdpa restricted to one backend (skipped where it does not take these inputs)
-  grouped_matmul    the same product written out: two batched matrix products around a float32 softmax
+  grouped_matmul    the same product written out: two batched matrix products around a float32 softmax (in bf16
+                    the scores come out of the first product rounded to bf16, unlike the fused kernels' float32
+                    scores: its error column says what that costs)
 
 Each arm runs ``--layers`` times inside one CUDA graph (as in a captured decode step, so launch overhead does not
 count) and reports microseconds per call, median over ``--reps`` replays, beside its error against a float32
