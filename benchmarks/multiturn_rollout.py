@@ -560,11 +560,15 @@ def main() -> None:
             out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
                                                                  "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
                                                                  "PREFILL_COVER", "prefill_graphs", "prefill_eager",
-                                                                 "share_prompts")}
+                                                                 "vision_graphs", "share_prompts")}
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,
                                          "buckets": len(pg.seen), "capture_error": pg.capture_error}
+            tg = getattr(engine, "_tower_graphs", None)
+            if tg is not None:  # vision tower groups so far (all runs): graphs captured, replayed, eager groups
+                out["vision_graphs"] = {"captures": tg.captures, "replays": tg.replays, "eager": tg.eager,
+                                        "capture_error": tg.capture_error}
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

@@ -705,8 +705,9 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
-    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager set the streaming
-    engine's scheduling; left at None they keep its defaults; values below 1 are recipe errors naming the key.
+    """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager /
+    vision_graphs set the streaming engine's scheduling; left at None they keep its defaults; values below 1 are
+    recipe errors naming the key.
     engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
     from vigorl_cli.errors import RecipeError
@@ -718,11 +719,12 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
             plain.prefill_graphs, plain.share_prompts) == (False, 2, 4, 16, False, False)
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
-                           "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true"])
+                           "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true",
+                           "engine.vision_graphs=true"])
     eng = hf_engine(tiny_bundle, r.engine)
     assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
-            eng.share_prompts, eng.prefill_eager) == (True, 3, 8, 24, True, True, True)
-    assert plain.prefill_eager is False
+            eng.share_prompts, eng.prefill_eager, eng.vision_graphs) == (True, 3, 8, 24, True, True, True, True)
+    assert plain.prefill_eager is False and plain.vision_graphs is False
     static = hf_engine(tiny_bundle, load_recipe(None, ["engine.static_cache=true", "engine.share_prompts=true"]).engine)
     assert type(static) is HFEngine and static.share_prompts is True
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched

@@ -171,6 +171,9 @@ class EngineConfig:
     prefill_eager: bool | None = F(None, "hf continuous batching: prefills without model.compile's compiled norms "
                                          "and MLPs (less host time per prefill; decode keeps them) (None: the "
                                          "engine's default, off)")
+    vision_graphs: bool | None = F(None, "hf continuous batching: a prefill's vision tower per group of same-grid "
+                                         "images (zoom crops), one CUDA graph per (grid, count) on a GPU (None: the "
+                                         "engine's default, off)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

@@ -285,7 +285,7 @@ class HFEngine:
             self._features.popitem(last=False)
 
     def _sharing(self, ukeys: list[Any], grid_u: torch.Tensor, occ: list[int],
-                 known: dict[int, tuple[torch.Tensor, torch.Tensor]], check: bool = True):
+                 known: dict[int, tuple[torch.Tensor, torch.Tensor]], check: bool = True, tower_graphs: Any = None):
         """The context of a forward that sees each distinct image once (``grid_u``, one row per distinct image;
         ``occ``: occurrence → distinct image), takes the ``known`` ones from the feature cache and remembers the
         others (models/load.py ``shared_image_features``)."""
@@ -293,7 +293,7 @@ class HFEngine:
             self._remember_features(ukeys[u], feats, grid_u[u])
 
         return shared_image_features(self.model, grid_u, occ, known={u: f for u, (f, _) in known.items()},
-                                     on_encoded=remember, check=check)
+                                     on_encoded=remember, check=check, tower_graphs=tower_graphs)
 
     def expand(self, prompt_ids: list[int], grid: torch.Tensor | None) -> list[int]:
         """One placeholder per image → as many as the image has merged patches."""

@@ -49,6 +49,7 @@ from vigorl_cli.engines.static_decode import (
 from vigorl_cli.models.compile import eager
 from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, override, to_device
 from vigorl_cli.models.vision_attention import fused_attention
+from vigorl_cli.models.vision_graphs import TowerGraphs
 
 
 def common_prefix(a: list, b: list, limit: int) -> int:
@@ -395,6 +396,11 @@ class HFStreamingEngine(HFEngine):
         # ops, ~200 calls per prefill, and a prefill's launches are what the GPU waits for (docs/performance.md,
         # issue 7). Off by default until measured
         self.prefill_eager = False
+        # run the vision tower per group of same-grid images (a prefill's zoom crops share one grid), one CUDA graph
+        # per (grid, count) on a GPU (models/vision_graphs.py): the tower's ~15 launches per block are host time the
+        # GPU waits for in a prefill. Off by default until measured
+        self.vision_graphs = False
+        self._tower_graphs: TowerGraphs | None = None
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
@@ -883,7 +889,18 @@ class HFStreamingEngine(HFEngine):
             return extra, contextlib.nullcontext()
         # no placeholder-count check: ids were expanded from these grids, and its host sync would block the host
         # while the prefill runs beside the decode
-        return extra, self._sharing(ukeys, grid_occ[first], occ, known, check=False)
+        return extra, self._sharing(ukeys, grid_occ[first], occ, known, check=False, tower_graphs=self._towers())
+
+    def _towers(self) -> TowerGraphs | None:
+        """With :attr:`vision_graphs`: the vision tower's :class:`TowerGraphs` (graphs on a GPU), else None."""
+        visual = getattr(getattr(self.model, "model", None), "visual", None)
+        if not self.vision_graphs or visual is None:
+            return None
+        if self._tower_graphs is None or self._tower_graphs.visual is not visual:
+            self._tower_graphs = TowerGraphs(visual)
+        tg = self._tower_graphs
+        tg.use_graphs = self.model.device.type == "cuda" and self.use_graphs is not False
+        return tg
 
     def _start(self, rows: torch.Tensor, logits: torch.Tensor, seeds: list[int], limits: list[int],
                last_pos: torch.Tensor, cur: torch.Tensor, mask_rows: torch.Tensor) -> None:

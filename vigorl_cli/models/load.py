@@ -315,7 +315,8 @@ def override(obj: Any, name: str, value: Any):
 
 @contextlib.contextmanager
 def shared_image_features(model: Any, grid_unique, occurrence: list[int], known: dict[int, Any] | None = None,
-                          on_encoded: Callable[[int, Any], None] | None = None, check: bool = True):
+                          on_encoded: Callable[[int, Any], None] | None = None, check: bool = True,
+                          tower_graphs: Any = None):
     """During one ``generate`` or forward: the model receives the pixels of the distinct images only (and the full
     per-occurrence ``image_grid_thw`` its M-RoPE positions need); its ``get_image_features`` encodes the distinct
     images and hands back one feature block per occurrence. Qwen2-VL / Qwen2.5-VL only (their features are a tuple
@@ -331,7 +332,9 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
     tower gets the grid on its device together with the index tables it would otherwise derive with host reads
     (:func:`vision_precompute`). ``check=False`` also skips the placeholder-count check that follows (another such
     wait), for callers that built the placeholders from these grids (the streaming engine, whose prefills may run
-    beside the decode on another stream and must not block the host)."""
+    beside the decode on another stream and must not block the host). ``tower_graphs``: a
+    :class:`~vigorl_cli.models.vision_graphs.TowerGraphs` that runs the tower per group of same-grid images (CUDA
+    graphs on a GPU)."""
     core = model.model
     original = core.get_image_features
     index = list(occurrence)
@@ -364,6 +367,8 @@ def shared_image_features(model: Any, grid_unique, occurrence: list[int], known:
     def on_device(hidden_states, *args, **kw):  # the tower computes with the grid: on the pixels' device
         grid = args[0] if args else kw.pop("grid_thw", None)
         dev = hidden_states.device
+        if tower_graphs is not None and grid is not None and not args[1:]:
+            return tower_graphs(tower, hidden_states, grid.cpu(), **kw)
         if grid is not None:  # its index tables from the host grid, sent ahead of the tower's work
             pre = vision_precompute(visual, grid.cpu())
             kw = {**{k: to_device(v, dev) for k, v in pre.items()}, **kw}
