@@ -189,20 +189,23 @@ def test_decode_steps_are_free_of_host_syncs(tiny_bundle, monkeypatch):
     assert int(st.step) == 2 and eng._st["step"].tolist()[0] == 1
 
 
-def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch):
+@pytest.mark.parametrize("towers", [False, True])
+def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch, towers):
     """On a GPU a copy from pageable host memory (``tensor.to(device)``, ``torch.tensor(..., device=...)``) makes the
     host wait for the stream's queued work — before a prefill, the decode chunk in flight. Checked on CPU: in the
     engine's own code and models/load.py, fills, prefills (fresh rows and a next turn continuing its slot, images
     through ``shared_image_features``) and joins move host tensors only through ``models/load.to_device`` (pinned,
-    non-blocking on a GPU)."""
+    non-blocking on a GPU). Also with ``vision_graphs`` (the tower per group of same-grid images)."""
     import sys
 
     import vigorl_cli.engines.hf_stream as hs
     import vigorl_cli.models.load as ld
+    import vigorl_cli.models.vision_graphs as vg
 
     def ours() -> bool:  # the caller is the engine's code or the vision tower's feeding (shared_image_features)
         code = sys._getframe(2).f_code
-        return code.co_filename in (hs.__file__, ld.__file__) and code.co_name != "to_device"
+        return (code.co_filename in (hs.__file__, ld.__file__, vg.__file__)
+                and code.co_name not in ("to_device", "cat_to_device"))
 
     real_to, real_tensor, moved = torch.Tensor.to, torch.tensor, []
 
@@ -223,6 +226,7 @@ def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch
     from vigorl_cli.models.load import to_device as load_to_device
 
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    eng.vision_graphs = towers
     first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
     first.image_keys = ["s/full"]
     other = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=4)
@@ -237,6 +241,7 @@ def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch
     monkeypatch.undo()
     assert set(got) == {"t1", "o", "t2"} and eng.prefills == 2 and eng.reused_tokens > 0
     assert len(moved) >= 2 * 9  # per prefill: ids, positions, destinations, slots, pixels, grids; join: 3; start: 2
+    assert (eng._tower_graphs is not None and eng._tower_graphs.eager > 0) == towers
 
 
 @pytest.mark.parametrize("graphs", [False, True])

@@ -120,6 +120,33 @@ def test_to_device_pins_and_copies_without_blocking_on_a_gpu(monkeypatch):
     assert calls == ["pin", ("to", "cuda", True)] and torch.equal(out, x)
 
 
+def test_cat_to_device_copies_the_parts_once_into_one_pinned_buffer(monkeypatch):
+    """models/load.cat_to_device: on CPU ``torch.cat``; towards a CUDA device the parts are concatenated straight into
+    one pinned buffer (no second copy to pin them), then copied without blocking."""
+    from vigorl_cli.models.load import cat_to_device
+
+    parts = [torch.arange(6.0).view(2, 3), torch.arange(9.0).view(3, 3)]
+    assert torch.equal(cat_to_device(parts, "cpu"), torch.cat(parts))
+    calls = []
+    real_to, real_empty = torch.Tensor.to, torch.empty
+
+    def empty(*a, pin_memory=False, **kw):
+        calls.append(("empty", pin_memory))
+        return real_empty(*a, **kw)
+
+    def to(self, *a, **kw):
+        if a and isinstance(a[0], torch.device) and a[0].type == "cuda":
+            calls.append(("to", a[0].type, kw.get("non_blocking")))
+            return self
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pytest.fail("a second copy to pin"))
+    out = cat_to_device(parts, "cuda")
+    assert calls == [("empty", True), ("to", "cuda", True)] and torch.equal(out, torch.cat(parts))
+
+
 def test_mm_token_type_ids_marks_image_and_video_tokens():
     cfg = type("C", (), {"image_token_id": 7, "video_token_id": 9})()
     ids = torch.tensor([[1, 7, 7, 2, 9], [7, 3, 9, 9, 0]])

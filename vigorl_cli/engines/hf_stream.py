@@ -47,7 +47,7 @@ from vigorl_cli.engines.static_decode import (
     weight_version,
 )
 from vigorl_cli.models.compile import eager
-from vigorl_cli.models.load import SHARED_IMAGE_KINDS, distinct_images, override, to_device
+from vigorl_cli.models.load import SHARED_IMAGE_KINDS, cat_to_device, distinct_images, override, to_device
 from vigorl_cli.models.vision_attention import fused_attention
 from vigorl_cli.models.vision_graphs import TowerGraphs
 
@@ -883,8 +883,8 @@ class HFStreamingEngine(HFEngine):
         for (b, j), (pv, _) in zip(missing, self._process([todo[b].req.images[j] for b, j in missing])):
             todo[b].prep.pixels[j] = pv
         pix = [todo[b].prep.pixels[j] for b, j in need]
-        pv = torch.cat(pix) if pix else torch.zeros((0, self._pixel_dim), dtype=torch.float32)
-        extra = {"pixel_values": to_device(pv, device).to(self.model.dtype), "image_grid_thw": to_device(grid_occ, device)}
+        pv = cat_to_device(pix or [torch.zeros((0, self._pixel_dim), dtype=torch.float32)], device)
+        extra = {"pixel_values": pv.to(self.model.dtype), "image_grid_thw": to_device(grid_occ, device)}
         if not share:
             return extra, contextlib.nullcontext()
         # no placeholder-count check: ids were expanded from these grids, and its host sync would block the host

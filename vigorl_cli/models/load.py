@@ -253,6 +253,21 @@ def to_device(x: Any, device: Any) -> Any:
     return x.pin_memory().to(dev, non_blocking=True)
 
 
+def cat_to_device(parts: list, device: Any) -> Any:
+    """``torch.cat(parts)`` (host tensors) on ``device`` as :func:`to_device` would move it, with the parts copied
+    once, straight into one pinned buffer on a GPU (rather than concatenated, then copied again to pin them: a
+    prefill's pixels are tens of MB)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not parts or any(p.device.type != "cpu" for p in parts):
+        return to_device(torch.cat(parts), dev)
+    shape = (sum(int(p.shape[0]) for p in parts), *parts[0].shape[1:])
+    buf = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+    torch.cat(parts, out=buf)
+    return buf.to(dev, non_blocking=True)
+
+
 def vision_precompute(visual: Any, grid_host) -> dict[str, Any]:
     """The index tables a Qwen2-VL / Qwen2.5-VL vision tower derives from ``grid_thw`` (patch positions, segment
     boundaries and their longest segment, Qwen2.5-VL's window order and window boundaries), computed on the host by
