@@ -241,9 +241,10 @@ def time_streams(engine: Any) -> None:
 
     def wrap(obj, attr, name, stream_of):
         fn = getattr(obj, attr, None)
-        if fn is None:
-            return
+        if fn is not None:
+            setattr(obj, attr, timed_fn(fn, name, stream_of))
 
+    def timed_fn(fn, name, stream_of):
         @functools.wraps(fn)
         def timed(*a, _fn=fn, _name=name, _stream=stream_of, **kw):
             rec = engine.bench_streams.setdefault(_name, {"host_s": 0.0, "calls": 0, "events": []})
@@ -261,7 +262,7 @@ def time_streams(engine: Any) -> None:
                     ev[1].record(ev[2])
                     rec["events"].append(ev[:2])
 
-        setattr(obj, attr, timed)
+        return timed
 
     for name, stream_of in (("poll", None), ("_fill", None), ("_collect", None), ("_prepare", None),
                             ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream)):
@@ -273,6 +274,13 @@ def time_streams(engine: Any) -> None:
         mod = getattr(inner, attr, None)
         if mod is not None:
             wrap(mod, "forward", attr, torch.cuda.current_stream)
+    # with vision_graphs the tower runs per group, replays included, inside TowerGraphs' call ("tower_groups";
+    # "visual" then counts only the groups that ran eagerly; likewise "language_model" with prefill_graphs)
+    from vigorl_cli.models.vision_graphs import TowerGraphs
+
+    if not getattr(TowerGraphs.__call__, "bench_timed", False):
+        TowerGraphs.__call__ = timed_fn(TowerGraphs.__call__, "tower_groups", torch.cuda.current_stream)
+        TowerGraphs.__call__.bench_timed = True
 
 
 def sync_sites(engine: Any) -> None:
