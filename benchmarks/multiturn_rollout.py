@@ -403,6 +403,8 @@ def main() -> None:
     ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
                     help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
                          "--nb-variants entry; the variants start from these)")
+    ap.add_argument("--decode-backend", default="auto", choices=("auto", "cudnn", "efficient", "flash", "math"),
+                    help="hf: the sdpa backend of both loops' decode attention (engine.decode_backend)")
     ap.add_argument("--share-prompts", action="store_true",
                     help="hf: identical prompts in one prefill are fed once (engine.share_prompts), for both loops")
     ap.add_argument("--compile", action="store_true",
@@ -485,6 +487,8 @@ def main() -> None:
         if args.share_prompts:
             for e in engines.values():
                 e.share_prompts = True
+        for e in engines.values():
+            e.decode_backend = None if args.decode_backend == "auto" else args.decode_backend
         if args.read_bucket is not None:
             engines[True].READ_BUCKET = args.read_bucket
         for sets in parse_variants(args.nb_set):
@@ -568,7 +572,7 @@ def main() -> None:
             out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
                                                                  "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
                                                                  "PREFILL_COVER", "prefill_graphs", "prefill_eager",
-                                                                 "vision_graphs", "share_prompts")}
+                                                                 "vision_graphs", "share_prompts", "decode_backend")}
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,

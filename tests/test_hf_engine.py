@@ -366,3 +366,51 @@ def test_static_decode_prefills_each_distinct_prompt_once(tiny_bundle):
             for a, b in zip(w, g, strict=True):
                 assert b.token_ids == a.token_ids
                 assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5)
+
+
+def test_decode_backend_reaches_the_decode_steps_attention(tiny_bundle, monkeypatch):
+    """engine.decode_backend: the decode steps' attention runs under ``sdpa_kernel`` with that one backend (math here:
+    the only one on CPU), in the static decode loop and in continuous batching, with generate's samples; the prefill
+    is not restricted; an unknown name is an error; the recipe key reaches both engines ("auto": torch's choice)."""
+    from vigorl_cli.engines import static_decode as sd
+    from vigorl_cli.engines.factory import hf_engine
+    from vigorl_cli.engines.hf_stream import HFStreamingEngine
+    from vigorl_cli.recipe import load_recipe
+
+    seen = []
+    real = sd.sdpa_kernel
+
+    def spy(backends):
+        seen.append(tuple(backends))
+        return real(backends)
+
+    monkeypatch.setattr(sd, "sdpa_kernel", spy)
+    reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12),
+            _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=2, max_new_tokens=12)]
+    want = HFEngine(tiny_bundle, batch_size=8).generate(reqs)
+    static = HFEngine(tiny_bundle, batch_size=8, static_cache=True)
+    stream = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=16)
+    from torch.nn.attention import SDPBackend
+
+    for eng in (static, stream):
+        eng.decode_backend = "math"
+        seen.clear()
+        got = eng.generate(reqs) if eng is static else None
+        if eng is stream:
+            for i, r in enumerate(reqs):
+                eng.submit(r, i)
+            out = {}
+            while eng.in_flight():
+                out.update(eng.poll())
+            got = [out[0], out[1]]
+        assert seen and set(seen) == {(SDPBackend.MATH,)}  # decode steps only (11 per row here)
+        for w, g in zip(want, got, strict=True):
+            assert g[0].token_ids == w[0].token_ids
+            assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(w[0].logprobs), atol=1e-5)
+    static.decode_backend = "fastest"
+    with pytest.raises(ValueError, match="decode_backend 'fastest'"):
+        static.generate(reqs[:1])
+    for over, want_backend in ((["engine.static_cache=true"], None),
+                               (["engine.static_cache=true", "engine.decode_backend=efficient"], "efficient"),
+                               (["engine.continuous_batching=true", "engine.decode_backend=cudnn"], "cudnn")):
+        assert hf_engine(tiny_bundle, load_recipe(None, over).engine).decode_backend == want_backend

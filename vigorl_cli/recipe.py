@@ -154,6 +154,9 @@ class EngineConfig:
                                          "cache (each decode step one CUDA graph on a GPU): episodes run without a "
                                          "turn barrier, as with vllm; cache length engine.max_model_len (default "
                                          "grpo's max_prompt_len + max_response_len, else 8192); single process")
+    decode_backend: Literal["auto", "cudnn", "efficient", "flash", "math"] = F(
+        "auto", "hf (static_cache, continuous_batching): the sdpa backend of the decode steps' attention (auto: "
+                "torch's choice; benchmarks/decode_attention.py compares them)")
     share_prompts: bool = F(False, "hf (static_cache, continuous_batching): rows of one prefill with the same prompt "
                                    "(tokens and image keys: a GRPO group's first turns, a request's n samples) are "
                                    "fed once, the others copy its keys and values (not faster yet on an H200: "

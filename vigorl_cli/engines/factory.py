@@ -30,6 +30,8 @@ def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None
         eng = HFEngine(bundle, batch_size=engine_cfg.batch_size, seed=seed, static_cache=engine_cfg.static_cache,
                        **kw)
     eng.share_prompts = bool(getattr(engine_cfg, "share_prompts", False))
+    backend = getattr(engine_cfg, "decode_backend", "auto")
+    eng.decode_backend = None if backend in (None, "auto") else str(backend)
     return eng
 
 

@@ -195,6 +195,9 @@ class HFEngine:
 
         ours = self.static_cache and generate_fn is None and static_decode.supports(self.model, bundle.kind)
         self._decoder = static_decode.StaticDecoder(self.model) if ours else None
+        # the decode steps' sdpa backend (static decode loop, continuous batching): None lets torch choose
+        # (docs/performance.md: cuDNN's masked kernel took ~2 ms of an 8 ms step at 32 slots on an H200)
+        self.decode_backend: str | None = None
         self._calls = 0
         self._features: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # key → (feats, grid)
         self._feature_state: tuple = ()
@@ -391,6 +394,7 @@ class HFEngine:
         # static cache: bucketed lengths, so later calls of the batch size reuse the captured / compiled graphs
         cache_len = -(-(width + params.max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
         if self._decoder is not None:  # engine.static_cache: our decode loop, one CUDA graph per step
+            self._decoder.backend = self.decode_backend
             checked = [0] * len(chunk)
 
             def stop_hit(row: int, tokens: list[int]) -> bool:

@@ -986,13 +986,13 @@ class HFStreamingEngine(HFEngine):
     def _advance(self, n: int) -> None:
         device = self.model.device
         graphs = device.type == "cuda" and self.use_graphs is not False
-        if self._graphs and self._graph_weights != weight_addresses(self.model):  # moved: capture again
-            self._graphs, self._eager_steps = {}, 0
+        if self._graphs and self._graph_weights != (weight_addresses(self.model), self.decode_backend):
+            self._graphs, self._eager_steps = {}, 0  # parameters moved or another attention backend: capture again
         n = min(n, self.MAX_CHUNK)  # a finished slot's tokens land in the MAX_CHUNK spare columns until collected
         width = self._read_width(n)
         self._st["cache"].width = width
         self.decode_steps += n
-        with decode_attention(self.model):
+        with decode_attention(self.model, self.decode_backend):
             k = 0
             while k < n:
                 if graphs and width in self._graphs:
@@ -1004,7 +1004,7 @@ class HFStreamingEngine(HFEngine):
                     else:
                         self._graphs[width] = graph
                         self.captures += 1
-                        self._graph_weights = weight_addresses(self.model)
+                        self._graph_weights = (weight_addresses(self.model), self.decode_backend)
                     continue
                 elif graphs:
                     side = torch.cuda.Stream(device)

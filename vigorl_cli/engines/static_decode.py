@@ -29,12 +29,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 SUPPORTED_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 DECODE_IMPL = "vigorl_decode"
 _registered = False
+# sdpa backends the decode attention may use (``decode_backend``), set while :func:`decode_attention` is active;
+# empty: torch's own choice
+DECODE_BACKENDS = ("cudnn", "efficient", "flash", "math")
+_backends: list = []
+
+
+def _sdpa_backends(name: str | None) -> list:
+    """``decode_backend`` → the ``torch.nn.attention.SDPBackend`` list for ``sdpa_kernel`` (``None``/``"auto"``:
+    none, torch chooses)."""
+    if name in (None, "auto"):
+        return []
+    from torch.nn.attention import SDPBackend
+
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    if name not in table:
+        raise ValueError(f"decode_backend {name!r}: choose auto, " + ", ".join(DECODE_BACKENDS))
+    return [table[name]]
 
 
 def _decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -53,7 +72,8 @@ def _decode_attention(module, query, key, value, attention_mask, dropout: float 
                                       **kwargs)
     q = query.reshape(B, Hkv, Hq // Hkv, D)  # kv head j serves query heads j*G .. (j+1)*G - 1 (repeat_kv's order)
     mask = attention_mask[:, :, :, : key.shape[2]]  # [B, 1, 1, L]: the same slots for every query of a row
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    with sdpa_kernel(_backends) if _backends else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(B, Hq, 1, D).transpose(1, 2), None  # [B, 1, Hq, D]
 
 
@@ -67,21 +87,26 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def decode_attention(model: torch.nn.Module):
-    """Route the language model's attention through :func:`_decode_attention` (sdpa models only) for a while."""
+def decode_attention(model: torch.nn.Module, backend: str | None = None):
+    """Route the language model's attention through :func:`_decode_attention` (sdpa models only) for a while;
+    ``backend``: the one sdpa backend its decode steps use (:data:`DECODE_BACKENDS`; None: torch's choice)."""
+    global _backends
     from vigorl_cli.models.packed_attention import IMPL, _text_config
 
     text = _text_config(model)
     impl = getattr(text, "_attn_implementation", None)
+    backends = _sdpa_backends(backend)  # (an unknown name fails before anything changes)
     if impl not in ("sdpa", IMPL):  # vigorl_sdpa is HF's sdpa outside packed plans
         yield
         return
     _register()
     text._attn_implementation = DECODE_IMPL
+    saved, _backends = _backends, backends
     try:
         yield
     finally:
         text._attn_implementation = impl
+        _backends = saved
 
 
 def _rope_owner(model: torch.nn.Module) -> Any | None:
@@ -214,6 +239,7 @@ class StaticDecoder:
         self.use_graphs = use_graphs
         self.states: OrderedDict[tuple, _State] = OrderedDict()
         self.additive_mask = _attn_implementation(model) == "eager"
+        self.backend: str | None = None  # the decode steps' sdpa backend (decode_attention); None: torch's choice
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.capture_error: str | None = None
 
@@ -252,7 +278,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         key = (batch, cache_len, max_new, params.temperature > 0, params.top_p, params.top_k,
-               params.repetition_penalty, str(device), dtype, eos_ids, suppress_ids)
+               params.repetition_penalty, str(device), dtype, eos_ids, suppress_ids, self.backend)
         st = self.states.get(key)
         if st is not None:
             self.states.move_to_end(key)
@@ -340,7 +366,7 @@ class StaticDecoder:
         st.pos.copy_(pos.amax(dim=2, keepdim=True).amax(dim=0, keepdim=True).expand(3, B, 1) + 1)
         st.cur.fill_(W)
 
-        with decode_attention(self.model):
+        with decode_attention(self.model, self.backend):
             n = self._decode(st, params, max_new, stop_hit, graphs, autocast, device, limits)
         toks = st.out_tok[:, :n].tolist()
         lps = st.out_lp[:, :n].tolist()
