@@ -108,3 +108,38 @@ def test_streaming_prefills_with_vision_graphs_sample_what_generate_samples(tiny
             assert torch.allclose(torch.tensor(got[i][0].logprobs), torch.tensor(want.logprobs), atol=1e-4)
     tg = eng._tower_graphs
     assert tg is not None and tg.captures > 0 and tg.replays > 0
+
+
+def test_a_replay_that_differs_from_the_eager_tower_turns_the_graphs_off(tiny_bundle, monkeypatch):
+    """Each new graph's first replay is compared with the eager tower on the same inputs: a graph that reads stale
+    inputs (here: one that keeps replaying its capture-time pixels' features) is dropped, the graphs are turned off
+    with a warning naming the difference, and the features handed back are the eager ones."""
+    import pytest
+
+    def stale_capture(self, tower, static, grid, kw):
+        out = _pooled(tower(static, grid, **kw)).clone()
+        frozen = out.clone()
+
+        class Graph:
+            def replay(self):
+                out.copy_(frozen * 3 + 1)  # not what the tower computes for the new pixels
+
+        return Graph(), out
+
+    monkeypatch.setattr(TowerGraphs, "_capture", stale_capture)
+    eng = HFEngine(tiny_bundle)
+    visual = tiny_bundle.model.model.visual
+    tg = TowerGraphs(visual)
+    tg.use_graphs = True
+    for call in range(3):
+        pv, grid = eng.encode_images(_images(20 + call))
+        pv = pv.to(visual.dtype)
+        with torch.no_grad():
+            ref = visual(pv, grid_thw=grid).pooler_output
+            if call == 1:
+                with pytest.warns(UserWarning, match="replay differed from the eager tower"):
+                    got = tg(visual.forward, pv, grid).pooler_output
+            else:
+                got = tg(visual.forward, pv, grid).pooler_output
+        assert torch.allclose(got, ref, atol=1e-5), call
+    assert tg.captures == 0 and not tg.graphs and tg.use_graphs is False and "max abs diff" in tg.capture_error

@@ -8,7 +8,8 @@ crop tool's fixed crop, resized to the pixel budget), so a prefill's crops repea
 replays them with one launch. Images of other grids (an episode's first image) form groups of their own; a group
 runs eagerly until its key has been seen :attr:`TowerGraphs.AFTER` times (warming kernels and compiled regions),
 then it is captured and replayed. Every group's index tables (``vision_precompute``) are computed on the host and
-sent ahead, so neither path waits for the device.
+sent ahead, so neither path waits for the device. A new graph's first replay is checked against the eager tower on
+the same inputs (one host sync per capture); a mismatch turns the graphs off with a warning.
 
 Numerics: a group is the tower's forward over just those images (attention never crosses images: full-attention
 blocks see one image, window blocks one window), so the features equal those of one call over all images, up to
@@ -31,6 +32,7 @@ class TowerGraphs:
 
     AFTER = 1  # eager runs of a key before it is captured
     KEEP = 32  # graphs kept (least recently used dropped)
+    TOLERANCE = 2e-2  # a new graph's replay vs the eager tower, relative to the features' largest magnitude
 
     def __init__(self, visual: torch.nn.Module):
         self.visual = visual
@@ -90,14 +92,30 @@ class TowerGraphs:
             graph, out = self._capture(tower, static, grid_dev, {**tables, **kw})
             if graph is not None:
                 graph.replay()
+                self.eager += 1
+                ref = _pooled(tower(pix, grid_dev, **tables, **kw))
+                if not self._agrees(out, ref):  # (one host sync per capture)
+                    return ref
                 self.graphs[key] = (graph, static, out, (grid_dev, tables))
                 while len(self.graphs) > self.KEEP:
                     self.graphs.popitem(last=False)
                 self.captures += 1
                 self.weights = _addresses(self.visual)
-                return out.clone()
+                return ref
         self.eager += 1
         return _pooled(tower(pix, grid_dev, **tables, **kw))
+
+    def _agrees(self, replayed: torch.Tensor, eager: torch.Tensor) -> bool:
+        """A new graph's first replay against the eager forward of the same inputs; on a mismatch (beyond what
+        another kernel choice explains) say so once and stop capturing: the tower then runs eagerly."""
+        diff = (replayed.float() - eager.float()).abs().max().item() if eager.numel() else 0.0
+        scale = eager.float().abs().max().item() if eager.numel() else 0.0
+        if diff <= self.TOLERANCE * max(1.0, scale):
+            return True
+        self.capture_error = f"a replay differed from the eager tower (max abs diff {diff:.3g}, scale {scale:.3g})"
+        self.use_graphs = False
+        warnings.warn(f"vision graphs: {self.capture_error}; running the tower eagerly", stacklevel=4)
+        return False
 
     def _capture(self, tower, static: torch.Tensor, grid: torch.Tensor, kw: dict) -> tuple[Any, Any]:
         """Record ``tower(static, grid, **kw)`` (not run): ``(graph, its output)``, or ``(None, None)`` after saying
