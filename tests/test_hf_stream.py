@@ -857,3 +857,55 @@ def test_prefill_eager_sets_the_compiled_blocks_aside_for_prefills_only(tiny_bun
     finally:
         C.uncompile(tiny_bundle.model)
     _equal_generate(tiny_bundle, got, dict(enumerate(reqs)), logprobs=True)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_prefill_graph_replays_are_checked_against_the_eager_forward(tiny_bundle, monkeypatch, stale):
+    """prefill_graphs with a stand-in capture (CUDA-graph semantics: the bucket's static inputs read at each replay,
+    one output buffer): buckets that come back are captured and replayed, and samples equal generate's. A graph
+    whose first replay differs from the eager forward of the same inputs (``stale``: it replays its capture-time
+    output) is dropped, graphs are turned off with a warning, and the samples still equal generate's."""
+    import contextlib
+    import warnings
+
+    from vigorl_cli.engines.hf_stream import _PrefillGraphs
+
+    def capture(self, original, cache, inputs):
+        out = self._run(original, cache, inputs)
+        frozen = out.clone()
+
+        class Graph:
+            def replay(self_):
+                out.copy_(frozen * 3 + 1 if stale else self._run(original, cache, inputs))
+
+        return Graph(), out
+
+    real = HFStreamingEngine._graphed_lm
+
+    @contextlib.contextmanager
+    def graphed(self, cache):
+        with real(self, cache):
+            g = self._lm_graphs
+            g.use_graphs = g.capture_error is None  # as on a GPU
+            yield
+
+    monkeypatch.setattr(_PrefillGraphs, "_capture", capture)
+    monkeypatch.setattr(HFStreamingEngine, "_graphed_lm", graphed)
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=8)
+    eng.prefill_graphs = True
+    gen = HFEngine(tiny_bundle, batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for wave in range(4):
+            reqs = [_req(tiny_bundle, "What colour is it?", IM1, seed=10 * wave + 1, max_new_tokens=6),
+                    _req(tiny_bundle, "count the boxes", IM2, seed=10 * wave + 2, max_new_tokens=6)]
+            for i, r in enumerate(reqs):
+                eng.submit(r, i)
+            got, _ = _drain(eng)
+            _equal_generate(tiny_bundle, got, dict(enumerate(reqs)), logprobs=True)
+    g = eng._lm_graphs
+    msgs = [str(w.message) for w in caught if "prefill graphs" in str(w.message)]
+    if stale:
+        assert g.replays == 0 and not g.graphs and "replay differed" in g.capture_error and len(msgs) == 1
+    else:
+        assert g.captures > 0 and g.replays > 0 and g.capture_error is None and not msgs

@@ -137,7 +137,7 @@ def test_a_replay_that_differs_from_the_eager_tower_turns_the_graphs_off(tiny_bu
         with torch.no_grad():
             ref = visual(pv, grid_thw=grid).pooler_output
             if call == 1:
-                with pytest.warns(UserWarning, match="replay differed from the eager tower"):
+                with pytest.warns(UserWarning, match="replay differed from the eager forward"):
                     got = tg(visual.forward, pv, grid).pooler_output
             else:
                 got = tg(visual.forward, pv, grid).pooler_output

@@ -42,6 +42,7 @@ from vigorl_cli.engines.static_decode import (
     capture_step,
     decode_attention,
     prompt_positions,
+    replay_mismatch,
     supports,
     weight_addresses,
     weight_version,
@@ -278,9 +279,21 @@ class _PrefillGraphs:
                 graph, out = self._capture(original, cache, inputs)
             if graph is not None:
                 graph.replay()
-                self.graphs[key] = (graph, inputs, out)
-                while len(self.graphs) > self.KEEP:
-                    self.graphs.popitem(last=False)
+                # checked once against the eager forward (which writes the same keys and values again)
+                ref = self._run(original, cache, inputs)
+                why = replay_mismatch(out, ref)
+                if why is None:
+                    self.graphs[key] = (graph, inputs, out)
+                    while len(self.graphs) > self.KEEP:
+                        self.graphs.popitem(last=False)
+                    self.captures += 1
+                    self.weights = weight_addresses(self.lm)
+                else:
+                    import warnings
+
+                    self.capture_error, self.use_graphs, out = why, False, ref
+                    self.padded += 1
+                    warnings.warn(f"prefill graphs: {why}; prefilling eagerly", stacklevel=3)
             else:
                 out = self._run(original, cache, inputs)
                 self.padded += 1
@@ -342,8 +355,6 @@ class _PrefillGraphs:
             warnings.warn(f"prefill graphs: capture failed, prefilling eagerly ({self.capture_error})", stacklevel=4)
             torch.cuda.synchronize()
             return None, None
-        self.captures += 1
-        self.weights = weight_addresses(self.lm)
         return graph, out
 
 

@@ -205,6 +205,19 @@ class _Expanded:
         return getattr(self._cache, name)
 
 
+def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: float = 2e-2) -> str | None:
+    """A new CUDA graph's first replay against the eager forward of the same inputs: None if they agree (within
+    ``tolerance`` of the eager output's largest magnitude, what another kernel choice explains), else why not. One
+    host sync: meant for once per capture."""
+    if not eager.numel():
+        return None
+    diff = (replayed.float() - eager.float()).abs().max().item()
+    scale = eager.float().abs().max().item()
+    if diff <= tolerance * max(1.0, scale):
+        return None
+    return f"a replay differed from the eager forward (max abs diff {diff:.3g}, scale {scale:.3g})"
+
+
 @dataclass
 class _State:
     """Everything one captured decode step reads and writes: fixed addresses, reused across calls."""

@@ -106,15 +106,16 @@ class TowerGraphs:
         return _pooled(tower(pix, grid_dev, **tables, **kw))
 
     def _agrees(self, replayed: torch.Tensor, eager: torch.Tensor) -> bool:
-        """A new graph's first replay against the eager forward of the same inputs; on a mismatch (beyond what
-        another kernel choice explains) say so once and stop capturing: the tower then runs eagerly."""
-        diff = (replayed.float() - eager.float()).abs().max().item() if eager.numel() else 0.0
-        scale = eager.float().abs().max().item() if eager.numel() else 0.0
-        if diff <= self.TOLERANCE * max(1.0, scale):
+        """A new graph's first replay against the eager tower on the same inputs; on a mismatch (beyond what another
+        kernel choice explains) say so once and stop capturing: the tower then runs eagerly."""
+        from vigorl_cli.engines.static_decode import replay_mismatch
+
+        why = replay_mismatch(replayed, eager, self.TOLERANCE)
+        if why is None:
             return True
-        self.capture_error = f"a replay differed from the eager tower (max abs diff {diff:.3g}, scale {scale:.3g})"
+        self.capture_error = why
         self.use_graphs = False
-        warnings.warn(f"vision graphs: {self.capture_error}; running the tower eagerly", stacklevel=4)
+        warnings.warn(f"vision graphs: {why}; running the tower eagerly", stacklevel=4)
         return False
 
     def _capture(self, tower, static: torch.Tensor, grid: torch.Tensor, kw: dict) -> tuple[Any, Any]:
