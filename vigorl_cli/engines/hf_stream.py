@@ -225,7 +225,8 @@ class _PrefillGraphs:
     eagerly at its shape (compiling, if the model is compiled); the next one captures it into a graph (all graphs share
     one memory pool: one prefill runs at a time, and its output is read before the next), replayed from then on.
     The hidden state comes back for the last position only (what a prefill's one logit needs). Forwards the buckets
-    cannot serve (other inputs, e.g. Qwen3-VL's deepstack features) run as they are."""
+    cannot serve (other inputs, e.g. Qwen3-VL's deepstack features) run as they are. A new graph's first replay is
+    checked against the eager forward of the same inputs (:func:`replay_mismatch`); a mismatch turns graphs off."""
 
     AFTER = 1  # eager runs of a bucket before it is captured
     KEEP = 64  # graphs kept (the least recently used are dropped)
