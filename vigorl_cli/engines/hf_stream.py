@@ -39,6 +39,7 @@ from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParam
 from vigorl_cli.engines.hf import HFEngine, sample_next
 from vigorl_cli.engines.static_decode import (
     _attn_implementation,
+    capture_call,
     capture_step,
     decode_attention,
     prompt_positions,
@@ -341,21 +342,12 @@ class _PrefillGraphs:
         return out.last_hidden_state[:, -1:].clone()
 
     def _capture(self, original, cache: SlotCache, inputs: dict) -> tuple[Any, torch.Tensor | None]:
-        """Record the bucket's forward (not run); on failure say why once and keep running it eagerly."""
-        import warnings
-
+        """Record the bucket's forward (not run); on failure (said once) it keeps running eagerly."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._run(original, cache, inputs)
-        except RuntimeError as e:
-            self.capture_error = f"{type(e).__name__}: {e}".splitlines()[0]
-            self.use_graphs = False
-            warnings.warn(f"prefill graphs: capture failed, prefilling eagerly ({self.capture_error})", stacklevel=4)
-            torch.cuda.synchronize()
-            return None, None
+        graph, out, err = capture_call(lambda: self._run(original, cache, inputs), self.pool, "prefill graphs")
+        if err is not None:
+            self.capture_error, self.use_graphs = err, False
         return graph, out
 
 

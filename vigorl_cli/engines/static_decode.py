@@ -205,6 +205,22 @@ class _Expanded:
         return getattr(self._cache, name)
 
 
+def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph") -> tuple[Any, Any, str | None]:
+    """Record ``fn()`` as a CUDA graph in memory pool ``pool`` (not run): ``(graph, fn's output, None)``, or
+    ``(None, None, reason)`` after saying once why it could not be captured (a host sync or a host tensor inside),
+    so that the caller runs it eagerly. The output's memory is the graph's: every replay overwrites it."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except RuntimeError as e:
+        err = f"{type(e).__name__}: {e}".splitlines()[0]
+        warnings.warn(f"{what}: capture failed, running eagerly ({err})", stacklevel=3)
+        torch.cuda.synchronize()
+        return None, None, err
+    return graph, out, None
+
+
 def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: float = 2e-2) -> str | None:
     """A new CUDA graph's first replay against the eager forward of the same inputs: None if they agree (within
     ``tolerance`` of the eager output's largest magnitude, what another kernel choice explains), else why not. One

@@ -121,18 +121,13 @@ class TowerGraphs:
     def _capture(self, tower, static: torch.Tensor, grid: torch.Tensor, kw: dict) -> tuple[Any, Any]:
         """Record ``tower(static, grid, **kw)`` (not run): ``(graph, its output)``, or ``(None, None)`` after saying
         once why it could not be captured (the groups then run eagerly)."""
+        from vigorl_cli.engines.static_decode import capture_call
+
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = _pooled(tower(static, grid, **kw))
-        except RuntimeError as e:
-            self.capture_error = f"{type(e).__name__}: {e}".splitlines()[0]
-            warnings.warn(f"vision graphs: capture failed, running the tower eagerly ({self.capture_error})",
-                          stacklevel=4)
-            torch.cuda.synchronize()
-            return None, None
+        graph, out, err = capture_call(lambda: _pooled(tower(static, grid, **kw)), self.pool, "vision graphs")
+        if err is not None:
+            self.capture_error, self.use_graphs = err, False
         return graph, out
 
 
