@@ -93,7 +93,7 @@ class TowerGraphs:
             if graph is not None:
                 graph.replay()
                 self.eager += 1
-                ref = _pooled(tower(pix, grid_dev, **tables, **kw))
+                ref = _pooled(tower(pix, grid_dev, **{**tables, **kw}))
                 if not self._agrees(out, ref):  # (one host sync per capture)
                     return ref
                 self.graphs[key] = (graph, static, out, (grid_dev, tables))
@@ -103,7 +103,7 @@ class TowerGraphs:
                 self.weights = _addresses(self.visual)
                 return ref
         self.eager += 1
-        return _pooled(tower(pix, grid_dev, **tables, **kw))
+        return _pooled(tower(pix, grid_dev, **{**tables, **kw}))
 
     def _agrees(self, replayed: torch.Tensor, eager: torch.Tensor) -> bool:
         """A new graph's first replay against the eager tower on the same inputs; on a mismatch (beyond what another
