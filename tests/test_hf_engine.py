@@ -414,3 +414,64 @@ def test_decode_backend_reaches_the_decode_steps_attention(tiny_bundle, monkeypa
                                (["engine.static_cache=true", "engine.decode_backend=efficient"], "efficient"),
                                (["engine.continuous_batching=true", "engine.decode_backend=cudnn"], "cudnn")):
         assert hf_engine(tiny_bundle, load_recipe(None, over).engine).decode_backend == want_backend
+
+
+def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
+    """static_decode.capture_call (the prefill and vision graphs' capture), with torch.cuda stood in for on CPU:
+    synchronise, capture ``fn`` on a side stream into the given pool — without emptying the device allocator's or
+    the pinned host cache, as torch.cuda.graph does at every capture — and hand back its output; a failure inside
+    ends the capture, warns and returns the reason; a torch whose capture API differs goes through torch.cuda.graph."""
+    import contextlib
+
+    from vigorl_cli.engines import static_decode as sd
+
+    calls = []
+
+    class Graph:
+        def capture_begin(self, *pool):
+            calls.append(("begin", pool))
+
+        def capture_end(self):
+            calls.append("end")
+
+    @contextlib.contextmanager
+    def stream(s):
+        calls.append(("stream", s))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: "side")
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("emptied the device cache"))
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: pytest.fail("emptied the pinned cache"), raising=False)
+    monkeypatch.setattr(sd, "_capture_stream", None)
+    graph, out, err = sd.capture_call(lambda: calls.append("fn") or 7, pool="P", what="test graphs")
+    assert isinstance(graph, Graph) and out == 7 and err is None
+    assert calls == ["sync", ("stream", "side"), ("begin", ("P",)), "fn", "end"]
+
+    calls.clear()
+
+    def boom():
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    with pytest.warns(UserWarning, match="test graphs: capture failed"):
+        graph, out, err = sd.capture_call(boom, what="test graphs")
+    assert (graph, out) == (None, None) and err == "RuntimeError: operation not permitted when stream is capturing"
+    assert calls[:4] == ["sync", ("stream", "side"), ("begin", ()), "end"]
+
+    class OldGraph(Graph):
+        def capture_begin(self, *pool, **kw):
+            raise TypeError("capture_begin() takes other arguments")
+
+    used = []
+
+    @contextlib.contextmanager
+    def graph_cm(g, pool=None):
+        used.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", OldGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph_cm)
+    graph, out, err = sd.capture_call(lambda: 5, pool="P")
+    assert isinstance(graph, OldGraph) and out == 5 and err is None and used == ["P"]

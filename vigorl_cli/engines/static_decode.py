@@ -205,20 +205,55 @@ class _Expanded:
         return getattr(self._cache, name)
 
 
+_capture_stream = None
+
+
+@contextlib.contextmanager
+def _capturing(graph: Any, pool: Any):
+    """``torch.cuda.graph(graph, pool=pool)`` without what it does first besides synchronising: emptying the device
+    allocator's cache and the pinned host cache (``torch.cuda.graph`` does both at every capture, so the prefills
+    after a capture mid-run allocate device memory and pinned buffers afresh: the profile's ``cudaHostAlloc``
+    calls). Captured on a side stream, as there."""
+    global _capture_stream
+    torch.cuda.synchronize()
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    with torch.cuda.stream(_capture_stream):
+        if pool is not None:
+            graph.capture_begin(pool)
+        else:
+            graph.capture_begin()
+        try:
+            yield
+        finally:
+            graph.capture_end()
+
+
 def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph") -> tuple[Any, Any, str | None]:
     """Record ``fn()`` as a CUDA graph in memory pool ``pool`` (not run): ``(graph, fn's output, None)``, or
     ``(None, None, reason)`` after saying once why it could not be captured (a host sync or a host tensor inside),
     so that the caller runs it eagerly. The output's memory is the graph's: every replay overwrites it."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, pool=pool):
+        with _capturing(graph, pool):
             out = fn()
+    except (TypeError, AttributeError):  # another torch's capture API: its own context manager
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                out = fn()
+        except RuntimeError as e:
+            return _capture_failed(e, what)
     except RuntimeError as e:
-        err = f"{type(e).__name__}: {e}".splitlines()[0]
-        warnings.warn(f"{what}: capture failed, running eagerly ({err})", stacklevel=3)
-        torch.cuda.synchronize()
-        return None, None, err
+        return _capture_failed(e, what)
     return graph, out, None
+
+
+def _capture_failed(e: Exception, what: str) -> tuple[None, None, str]:
+    err = f"{type(e).__name__}: {e}".splitlines()[0]
+    warnings.warn(f"{what}: capture failed, running eagerly ({err})", stacklevel=4)
+    torch.cuda.synchronize()
+    return None, None, err
 
 
 def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: float = 2e-2) -> str | None:
