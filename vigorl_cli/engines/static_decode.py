@@ -171,17 +171,12 @@ def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
     """Record ``step()`` (one capture-safe decode step) as a CUDA graph: ``(graph, None)``. If the model's forward
     cannot be captured (a host sync or a host tensor inside it), say so once and return ``(None, reason)``: the
     caller keeps decoding eagerly (same tokens, only slower). Capturing does not run the step."""
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g), autocast:
+    def run() -> None:
+        with autocast:
             step()
-    except RuntimeError as e:
-        err = f"{type(e).__name__}: {e}".splitlines()[0]
-        warnings.warn(f"static decode: CUDA graph capture failed, decoding eagerly ({err})", stacklevel=3)
-        torch.cuda.synchronize()
-        return None, err
-    return g, None
+
+    g, _, err = capture_call(run, None, "static decode")
+    return g, err
 
 
 class _Expanded:
