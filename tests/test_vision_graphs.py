@@ -6,6 +6,7 @@ keys, static copies, the features handed back, recapture after a weight move —
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -34,13 +35,18 @@ def _images(seed: int):
     return [im(112, 84), im(56, 140), im(112, 84)]  # two crops of one size, another image between them
 
 
-def test_groups_and_graph_replays_give_the_towers_features(tiny_bundle, monkeypatch):
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+def test_groups_and_graph_replays_give_the_towers_features(tiny_bundle, monkeypatch, name):
     """Images of one grid form a group (here images 0 and 2), others their own: each image's features equal one
-    eager call over all images. A key seen before is captured, then replayed for new pixels; the features handed
-    back are copies (an earlier call's stay intact after later replays); moved weights mean capturing again."""
+    eager call over all images (Qwen2.5-VL's windowed tower and Qwen2-VL's). A key seen before is captured, then
+    replayed for new pixels; the features handed back are copies (an earlier call's stay intact after later
+    replays); moved weights mean capturing again."""
+    from vigorl_cli.models.load import load_model
+
     monkeypatch.setattr(TowerGraphs, "_capture", _fake_capture)
-    eng = HFEngine(tiny_bundle)
-    visual = tiny_bundle.model.model.visual
+    bundle = tiny_bundle if name == "tiny-qwen2.5-vl" else load_model(name)
+    eng = HFEngine(bundle)
+    visual = bundle.model.model.visual
     tg = TowerGraphs(visual)
     tg.use_graphs = True
     outs, refs = [], []
@@ -114,8 +120,6 @@ def test_a_replay_that_differs_from_the_eager_tower_turns_the_graphs_off(tiny_bu
     """Each new graph's first replay is compared with the eager tower on the same inputs: a graph that reads stale
     inputs (here: one that keeps replaying its capture-time pixels' features) is dropped, the graphs are turned off
     with a warning naming the difference, and the features handed back are the eager ones."""
-    import pytest
-
     def stale_capture(self, tower, static, grid, kw):
         out = _pooled(tower(static, grid, **kw)).clone()
         frozen = out.clone()
