@@ -50,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vigorl_cli.engines.static_decode import DECODE_BACKENDS
 from vigorl_cli.models.vision_attention import MODES as VISION_MODES
 
 
@@ -403,7 +404,7 @@ def main() -> None:
     ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
                     help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
                          "--nb-variants entry; the variants start from these)")
-    ap.add_argument("--decode-backend", default="auto", choices=("auto", "cudnn", "efficient", "flash", "math"),
+    ap.add_argument("--decode-backend", default="auto", choices=("auto", *DECODE_BACKENDS),
                     help="hf: the sdpa backend of both loops' decode attention (engine.decode_backend)")
     ap.add_argument("--share-prompts", action="store_true",
                     help="hf: identical prompts in one prefill are fed once (engine.share_prompts), for both loops")

@@ -410,6 +410,11 @@ def test_decode_backend_reaches_the_decode_steps_attention(tiny_bundle, monkeypa
     static.decode_backend = "fastest"
     with pytest.raises(ValueError, match="decode_backend 'fastest'"):
         static.generate(reqs[:1])
+    from typing import get_args, get_type_hints
+
+    from vigorl_cli.recipe import EngineConfig
+
+    assert get_args(get_type_hints(EngineConfig)["decode_backend"]) == ("auto", *sd.DECODE_BACKENDS)
     for over, want_backend in ((["engine.static_cache=true"], None),
                                (["engine.static_cache=true", "engine.decode_backend=efficient"], "efficient"),
                                (["engine.continuous_batching=true", "engine.decode_backend=cudnn"], "cudnn")):

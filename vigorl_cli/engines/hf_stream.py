@@ -38,12 +38,11 @@ import torch
 from vigorl_cli.engines.base import Completion, GenerationRequest, SamplingParams, derive_seed, sample_seeds
 from vigorl_cli.engines.hf import HFEngine, sample_next
 from vigorl_cli.engines.static_decode import (
+    GraphCache,
     _attn_implementation,
-    capture_call,
     capture_step,
     decode_attention,
     prompt_positions,
-    replay_mismatch,
     supports,
     weight_addresses,
     weight_version,
@@ -214,7 +213,7 @@ def bucket_width(w: int) -> int:
         b *= 2
 
 
-class _PrefillGraphs:
+class _PrefillGraphs(GraphCache):
     """The language model's part of a prefill at bucketed shapes, one CUDA graph per bucket.
 
     Meant for prefills whose host time exceeds their kernels' (a profiled 3B run showed ~13 ms of the language model's
@@ -227,21 +226,17 @@ class _PrefillGraphs:
     one memory pool: one prefill runs at a time, and its output is read before the next), replayed from then on.
     The hidden state comes back for the last position only (what a prefill's one logit needs). Forwards the buckets
     cannot serve (other inputs, e.g. Qwen3-VL's deepstack features) run as they are. A new graph's first replay is
-    checked against the eager forward of the same inputs (:func:`replay_mismatch`); a mismatch turns graphs off."""
+    checked against the eager forward of the same inputs (:class:`GraphCache`); a mismatch turns graphs off."""
 
     AFTER = 1  # eager runs of a bucket before it is captured
     KEEP = 64  # graphs kept (the least recently used are dropped)
+    WHAT = "prefill graphs"
 
     def __init__(self, lm: torch.nn.Module, slots: int, cache_len: int, read_bucket: int):
+        super().__init__(lm)  # graphs: bucket → (graph, static inputs, static output)
         self.lm, self.slots, self.cache_len, self.read_bucket = lm, slots, cache_len, read_bucket
-        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # bucket → (graph, static inputs, static output)
-        self.seen: dict[tuple, int] = {}
-        self.pool = None
-        self.weights: tuple = ()
         self.cache: SlotCache | None = None
-        self.use_graphs = False
-        self.captures = self.replays = self.padded = 0
-        self.capture_error: str | None = None
+        self.padded = 0  # prefills run eagerly at a bucket's shape
 
     def bucket(self, n: int, width: int, read: int) -> tuple[int, int, int]:
         rows = min(self.slots, 1 << (n - 1).bit_length())
@@ -262,7 +257,7 @@ class _PrefillGraphs:
         n, W, H = embeds.shape
         read = mask.shape[-1]
         key = (*self.bucket(n, W, read), embeds.dtype)
-        if self.cache is not cache or (self.graphs and self.weights != weight_addresses(self.lm)):
+        if self.cache is not cache or self.stale():
             self.graphs.clear()  # another cache, or parameters moved: the graphs read stale addresses
             self.cache = cache
         got = self.graphs.get(key)
@@ -283,19 +278,9 @@ class _PrefillGraphs:
                 graph.replay()
                 # checked once against the eager forward (which writes the same keys and values again)
                 ref = self._run(original, cache, inputs)
-                why = replay_mismatch(out, ref)
-                if why is None:
-                    self.graphs[key] = (graph, inputs, out)
-                    while len(self.graphs) > self.KEEP:
-                        self.graphs.popitem(last=False)
-                    self.captures += 1
-                    self.weights = weight_addresses(self.lm)
-                else:
-                    import warnings
-
-                    self.capture_error, self.use_graphs, out = why, False, ref
+                if not self._admit(key, (graph, inputs, out), out, ref):
+                    out = ref
                     self.padded += 1
-                    warnings.warn(f"prefill graphs: {why}; prefilling eagerly", stacklevel=3)
             else:
                 out = self._run(original, cache, inputs)
                 self.padded += 1
@@ -343,12 +328,7 @@ class _PrefillGraphs:
 
     def _capture(self, original, cache: SlotCache, inputs: dict) -> tuple[Any, torch.Tensor | None]:
         """Record the bucket's forward (not run); on failure (said once) it keeps running eagerly."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph, out, err = capture_call(lambda: self._run(original, cache, inputs), self.pool, "prefill graphs")
-        if err is not None:
-            self.capture_error, self.use_graphs = err, False
-        return graph, out
+        return self._record(lambda: self._run(original, cache, inputs))
 
 
 class HFStreamingEngine(HFEngine):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.attention import sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -38,7 +38,9 @@ DECODE_IMPL = "vigorl_decode"
 _registered = False
 # sdpa backends the decode attention may use (``decode_backend``), set while :func:`decode_attention` is active;
 # empty: torch's own choice
-DECODE_BACKENDS = ("cudnn", "efficient", "flash", "math")
+_SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+         "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+DECODE_BACKENDS = tuple(_SDPA)
 _backends: list = []
 
 
@@ -47,13 +49,9 @@ def _sdpa_backends(name: str | None) -> list:
     none, torch chooses)."""
     if name in (None, "auto"):
         return []
-    from torch.nn.attention import SDPBackend
-
-    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
-    if name not in table:
+    if name not in _SDPA:
         raise ValueError(f"decode_backend {name!r}: choose auto, " + ", ".join(DECODE_BACKENDS))
-    return [table[name]]
+    return [_SDPA[name]]
 
 
 def _decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -186,14 +184,14 @@ class _Expanded:
 
     def __init__(self, cache: Any, rows: list[int], device: torch.device):
         self._cache = cache
-        self._rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         first: dict[int, int] = {}
         for b, u in enumerate(rows):
             first.setdefault(u, b)
         self._first = torch.tensor([first[u] for u in range(len(first))], dtype=torch.long, device=device)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        k, v = self._cache.update(key_states[self._rows], value_states[self._rows], layer_idx, *args, **kwargs)
+        k, v = self._cache.update(key_states[self.rows], value_states[self.rows], layer_idx, *args, **kwargs)
         return k[self._first], v[self._first]
 
     def __getattr__(self, name: str) -> Any:
@@ -201,6 +199,10 @@ class _Expanded:
 
 
 _capture_stream = None
+
+
+class _OtherCaptureAPI(Exception):
+    """This torch's ``CUDAGraph.capture_begin`` takes other arguments: capture with ``torch.cuda.graph`` instead."""
 
 
 @contextlib.contextmanager
@@ -214,10 +216,13 @@ def _capturing(graph: Any, pool: Any):
     if _capture_stream is None:
         _capture_stream = torch.cuda.Stream()
     with torch.cuda.stream(_capture_stream):
-        if pool is not None:
-            graph.capture_begin(pool)
-        else:
-            graph.capture_begin()
+        try:
+            if pool is not None:
+                graph.capture_begin(pool)
+            else:
+                graph.capture_begin()
+        except (TypeError, AttributeError) as e:  # another torch's capture API
+            raise _OtherCaptureAPI from e
         try:
             yield
         finally:
@@ -232,7 +237,7 @@ def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph") -> tuple[A
     try:
         with _capturing(graph, pool):
             out = fn()
-    except (TypeError, AttributeError):  # another torch's capture API: its own context manager
+    except _OtherCaptureAPI:  # its own context manager then (it empties the caches)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pool):
@@ -262,6 +267,56 @@ def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: floa
     if diff <= tolerance * max(1.0, scale):
         return None
     return f"a replay differed from the eager forward (max abs diff {diff:.3g}, scale {scale:.3g})"
+
+
+class GraphCache:
+    """CUDA graphs by key in one memory pool (the least recently used dropped past :attr:`KEEP`), each kept only once
+    its first replay agrees with the eager forward of the same inputs (:func:`replay_mismatch`). A failed capture
+    or a disagreeing replay turns capturing off (``capture_error``, said once in a warning). ``module``: the
+    parameters the graphs read (moved parameters make them stale). Used by the streaming engine's prefill graphs
+    and the vision tower's graphs."""
+
+    KEEP = 32
+    TOLERANCE = 2e-2
+    WHAT = "CUDA graphs"
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key → what a replay needs
+        self.seen: dict[tuple, int] = {}  # key → sightings
+        self.pool = None
+        self.weights: tuple = ()  # parameter addresses when the graphs were captured
+        self.use_graphs = False
+        self.captures = self.replays = 0
+        self.capture_error: str | None = None
+
+    def stale(self) -> bool:
+        """Graphs captured with parameters that have moved since (they would read the old addresses)."""
+        return bool(self.graphs) and self.weights != weight_addresses(self.module)
+
+    def _record(self, fn: Any) -> tuple[Any, Any]:
+        """``fn()`` captured into the pool (not run): ``(graph, output)``, or ``(None, None)`` with capturing off."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph, out, err = capture_call(fn, self.pool, self.WHAT)
+        if err is not None:
+            self.capture_error, self.use_graphs = err, False
+        return graph, out
+
+    def _admit(self, key: tuple, entry: tuple, replayed: torch.Tensor, eager: torch.Tensor) -> bool:
+        """Keep a new graph (``entry``) under ``key`` if its first replay agrees with the eager output (one host
+        sync); else turn capturing off, with a warning, and keep nothing."""
+        why = replay_mismatch(replayed, eager, self.TOLERANCE)
+        if why is not None:
+            self.capture_error, self.use_graphs = why, False
+            warnings.warn(f"{self.WHAT}: {why}; running eagerly", stacklevel=3)
+            return False
+        self.graphs[key] = entry
+        while len(self.graphs) > self.KEEP:
+            self.graphs.popitem(last=False)
+        self.captures += 1
+        self.weights = weight_addresses(self.module)
+        return True
 
 
 @dataclass
@@ -379,7 +434,6 @@ class StaticDecoder:
         device = input_ids.device
         U, W = input_ids.shape
         B = len(expand) if expand is not None else U
-        rows = torch.tensor(expand, dtype=torch.long, device=device) if expand is not None else None
         max_new = int(params.max_new_tokens)
         if W + max_new > cache_len:
             raise ValueError(f"cache length {cache_len} < prompt width {W} + {max_new} new tokens")
@@ -398,6 +452,8 @@ class StaticDecoder:
         pre = torch.zeros((U, 1, W, cache_len), dtype=torch.bool, device=device)
         pre[:, 0, :, :W] = prompt_mask(valid)
         st.cache.reset()
+        cache = st.cache if expand is None else _Expanded(st.cache, expand, device)
+        rows = None if expand is None else cache.rows
         seen = input_ids if rows is None else input_ids[rows]  # one row per sample from here on
         st.seeds.copy_(torch.tensor([int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in seeds], dtype=torch.long))
         st.hist.copy_(seen[:, -1:].expand(B, cache_len))
@@ -411,7 +467,7 @@ class StaticDecoder:
 
         with autocast, fused_attention(device):  # prompt widths vary: no per-shape cuDNN planning
             out = self.model(input_ids=input_ids, attention_mask=self._as_mask(pre, dtype), position_ids=pos,
-                             past_key_values=st.cache if rows is None else _Expanded(st.cache, expand, device),
+                             past_key_values=cache,
                              use_cache=True, logits_to_keep=1, mm_token_type_ids=inputs["mm_token_type_ids"],
                              **extra)
             logits = out.logits[:, -1]

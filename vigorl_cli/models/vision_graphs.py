@@ -19,37 +19,32 @@ features handed back are a copy (the engines keep them in their feature caches).
 
 from __future__ import annotations
 
-import warnings
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from vigorl_cli.engines.static_decode import GraphCache
 
-class TowerGraphs:
+
+class TowerGraphs(GraphCache):
     """Runs ``tower(pixels, grid, **tables)`` per group of images with the same grid; on a GPU each group key gets a
     CUDA graph once seen :attr:`AFTER` times (``use_graphs``). Counters: ``captures``, ``replays``, ``eager``."""
 
     AFTER = 1  # eager runs of a key before it is captured
     KEEP = 32  # graphs kept (least recently used dropped)
-    TOLERANCE = 2e-2  # a new graph's replay vs the eager tower, relative to the features' largest magnitude
+    WHAT = "vision graphs"
 
     def __init__(self, visual: torch.nn.Module):
+        super().__init__(visual)  # graphs: key → (graph, static pixels, static output, tables)
         self.visual = visual
-        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key → (graph, static pixels, static output, tables)
-        self.seen: dict[tuple, int] = {}
-        self.pool = None
-        self.weights: tuple = ()
-        self.use_graphs = False
-        self.captures = self.replays = self.eager = 0
-        self.capture_error: str | None = None
+        self.eager = 0  # groups run eagerly
 
     def __call__(self, tower, pixels: torch.Tensor, grid_host: torch.Tensor, **kw: Any) -> Any:
         """The tower's output for images ``grid_host`` (a CPU ``[N, 3]`` grid; ``pixels`` their patches in order):
         ``pooler_output`` holds every image's merged features in image order."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        if self.graphs and self.weights != _addresses(self.visual):  # parameters moved: stale addresses
+        if self.stale():  # parameters moved: the graphs read stale addresses
             self.graphs.clear()
         rows = [tuple(int(x) for x in r) for r in grid_host.tolist()]
         starts = [0]
@@ -87,55 +82,21 @@ class TowerGraphs:
         tables = {k: to_device(v, dev) for k, v in vision_precompute(self.visual, grid_cpu).items()}
         grid_dev = to_device(grid_cpu, dev)
         self.seen[key] = self.seen.get(key, 0) + 1
+        self.eager += 1
+        ref = _pooled(tower(pix, grid_dev, **{**tables, **kw}))
         if self.use_graphs and self.capture_error is None and not kw and self.seen[key] > self.AFTER:
             static = pix.clone()
-            graph, out = self._capture(tower, static, grid_dev, {**tables, **kw})
+            graph, out = self._capture(tower, static, grid_dev, tables)
             if graph is not None:
                 graph.replay()
-                self.eager += 1
-                ref = _pooled(tower(pix, grid_dev, **{**tables, **kw}))
-                if not self._agrees(out, ref):  # (one host sync per capture)
-                    return ref
-                self.graphs[key] = (graph, static, out, (grid_dev, tables))
-                while len(self.graphs) > self.KEEP:
-                    self.graphs.popitem(last=False)
-                self.captures += 1
-                self.weights = _addresses(self.visual)
-                return ref
-        self.eager += 1
-        return _pooled(tower(pix, grid_dev, **{**tables, **kw}))
-
-    def _agrees(self, replayed: torch.Tensor, eager: torch.Tensor) -> bool:
-        """A new graph's first replay against the eager tower on the same inputs; on a mismatch (beyond what another
-        kernel choice explains) say so once and stop capturing: the tower then runs eagerly."""
-        from vigorl_cli.engines.static_decode import replay_mismatch
-
-        why = replay_mismatch(replayed, eager, self.TOLERANCE)
-        if why is None:
-            return True
-        self.capture_error = why
-        self.use_graphs = False
-        warnings.warn(f"vision graphs: {why}; running the tower eagerly", stacklevel=4)
-        return False
+                self._admit(key, (graph, static, out, (grid_dev, tables)), out, ref)  # (one host sync per capture)
+        return ref
 
     def _capture(self, tower, static: torch.Tensor, grid: torch.Tensor, kw: dict) -> tuple[Any, Any]:
         """Record ``tower(static, grid, **kw)`` (not run): ``(graph, its output)``, or ``(None, None)`` after saying
         once why it could not be captured (the groups then run eagerly)."""
-        from vigorl_cli.engines.static_decode import capture_call
-
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph, out, err = capture_call(lambda: _pooled(tower(static, grid, **kw)), self.pool, "vision graphs")
-        if err is not None:
-            self.capture_error, self.use_graphs = err, False
-        return graph, out
+        return self._record(lambda: _pooled(tower(static, grid, **kw)))
 
 
 def _pooled(out: Any) -> torch.Tensor:
     return out.pooler_output if hasattr(out, "pooler_output") else out
-
-
-def _addresses(module: torch.nn.Module) -> tuple:
-    from vigorl_cli.engines.static_decode import weight_addresses
-
-    return weight_addresses(module)
