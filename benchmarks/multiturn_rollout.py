@@ -265,8 +265,12 @@ def time_streams(engine: Any) -> None:
 
         return timed
 
+    def ahead_stream():
+        return engine._ahead_stream() if hasattr(engine, "_ahead_stream") else torch.cuda.current_stream()
+
     for name, stream_of in (("poll", None), ("_fill", None), ("_collect", None), ("_prepare", None),
-                            ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream)):
+                            ("_advance", torch.cuda.current_stream), ("_prefill", prefill_stream),
+                            ("_encode_ahead", ahead_stream)):
         wrap(engine, name, name, stream_of)
     # inside a prefill: the vision tower and the language model (on the stream the prefill runs on; decode steps
     # replay CUDA graphs and never call them), so that a prefill's host and device time split by part
@@ -541,6 +545,7 @@ def main() -> None:
         shared0 = getattr(engine, "shared_tokens", None)
         prefills0 = getattr(engine, "prefills", 0)
         steps0 = getattr(engine, "decode_steps", 0)
+        ahead0 = getattr(engine, "ahead_images", 0)
         fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
         phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
         for cache in ("_features", "_grids"):  # each run starts cold, as a rollout of new prompts does
@@ -573,15 +578,18 @@ def main() -> None:
             out["scheduling"] = {k: getattr(engine, k) for k in ("pipeline", "overlap", "decode_priority",
                                                                  "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
                                                                  "PREFILL_COVER", "prefill_graphs", "prefill_eager",
-                                                                 "vision_graphs", "share_prompts", "decode_backend")}
+                                                                 "vision_graphs", "vision_ahead", "share_prompts",
+                                                                 "decode_backend")}
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,
                                          "buckets": len(pg.seen), "capture_error": pg.capture_error}
-            tg = getattr(engine, "_tower_graphs", None)
-            if tg is not None:  # vision tower groups so far (all runs): graphs captured, replayed, eager groups
-                out["vision_graphs"] = {"captures": tg.captures, "replays": tg.replays, "eager": tg.eager,
-                                        "capture_error": tg.capture_error}
+            for attr, name in (("_tower_graphs", "vision_graphs"), ("_ahead_towers", "vision_graphs_ahead")):
+                tg = getattr(engine, attr, None)
+                if tg is not None:  # vision tower groups so far (all runs): graphs captured, replayed, eager groups
+                    out[name] = {"captures": tg.captures, "replays": tg.replays, "eager": tg.eager,
+                                 "capture_error": tg.capture_error}
+            out["ahead_images"] = engine.ahead_images - ahead0  # images encoded before their prefill (vision_ahead)
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

@@ -909,3 +909,130 @@ def test_prefill_graph_replays_are_checked_against_the_eager_forward(tiny_bundle
         assert g.replays == 0 and not g.graphs and "replay differed" in g.capture_error and len(msgs) == 1
     else:
         assert g.captures > 0 and g.replays > 0 and g.capture_error is None and not msgs
+
+
+@pytest.mark.parametrize("pipeline,towers", [(False, False), (True, False), (True, True)])
+def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pipeline, towers):
+    """engine.vision_ahead: at the start of a poll the new images of waiting requests (first-turn images, a next
+    turn's crop) go through the vision tower, each distinct key once, into the feature cache, and no prefill runs
+    the tower for them; samples and log-probs equal generate's. After the tower's weights change (a version bump)
+    an image seen before is neither served from the cache nor encodable ahead (its pixels were not kept): its
+    prefill encodes it. Also with ``pipeline`` (the next turn arrives while a chunk is in flight) and with
+    ``vision_graphs`` (the ahead tower has graphs of its own)."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    eng.vision_ahead, eng.pipeline, eng.vision_graphs = True, pipeline, towers
+    visual = eng.model.model.visual
+    calls: list[tuple[bool, int]] = []  # (inside _encode_ahead, images)
+    inside = [False]
+    real_forward, real_ahead = visual.forward, eng._encode_ahead
+
+    def forward(hidden_states, grid_thw=None, **kw):
+        calls.append((inside[0], int(grid_thw.shape[0])))
+        return real_forward(hidden_states, grid_thw, **kw)
+
+    def ahead():
+        inside[0] = True
+        try:
+            real_ahead()
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(visual, "forward", forward)
+    monkeypatch.setattr(eng, "_encode_ahead", ahead)
+    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
+    a.image_keys = ["a/full"]
+    twin = _req(tiny_bundle, "What colour is it now?", IM1, seed=2, max_new_tokens=9)  # a GRPO group's image
+    twin.image_keys = ["a/full"]
+    b = _req(tiny_bundle, "x", IM2, seed=3, max_new_tokens=12)
+    b.image_keys = ["b/full"]
+    for tag, r in (("a", a), ("twin", twin), ("b", b)):
+        eng.submit(r, tag)
+    got, _ = _drain(eng)
+    nxt = _next_turn(tiny_bundle, a, got["a"][0], IM2, "a/crop-1")
+    eng.submit(nxt, "a2")
+    got.update(_drain(eng)[0])
+    assert all(where for where, _ in calls) and sum(n for _, n in calls) == 3  # a/full, b/full, a/crop-1
+    assert eng.ahead_images == 3 and eng.prefills >= 2
+    _equal_generate(tiny_bundle, got, {"a": a, "twin": twin, "b": b, "a2": nxt}, logprobs=True)
+    assert (eng._ahead_towers is not None and eng._ahead_towers.eager > 0) == towers
+
+    with torch.no_grad():  # new weights (same values): cached features are stale
+        next(visual.parameters()).add_(0)
+    calls.clear()
+    again = _req(tiny_bundle, "Again?", IM1, seed=4, max_new_tokens=5)
+    again.image_keys = ["a/full"]
+    eng.submit(again, "again")
+    got = _drain(eng)[0]
+    assert calls == [(False, 1)] and eng.ahead_images == 3  # encoded by its prefill
+    _equal_generate(tiny_bundle, got, {"again": again}, logprobs=True)
+
+
+def test_images_encoded_ahead_wait_for_the_callers_work_not_for_the_chunk(tiny_bundle, monkeypatch):
+    """The stream order of engine.vision_ahead on a GPU, with torch.cuda's streams and events stood in for on CPU:
+    with a pipelined decode chunk in flight the stream ahead waits only for the event recorded on the caller's
+    stream just before that chunk (so it runs beside the chunk, and after any weight update queued before it);
+    with nothing in flight it waits for the caller's whole stream; a prefill that feeds features encoded ahead
+    waits for the stream ahead and marks their memory as used by its own stream; generate() and abort() wait for
+    it too. Samples still equal generate's."""
+    import contextlib
+
+    log: list[tuple] = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, ev):
+            log.append((self.name, "wait_event", ev.name))
+
+        def wait_stream(self, other):
+            log.append((self.name, "wait_stream", other.name))
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.name = f"chunk{Event.made}"
+
+        def record(self, stream):
+            log.append((stream.name, "record", self.name))
+
+    caller, side = Stream("caller"), Stream("ahead")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append((s.name, "record_stream")),
+                        raising=False)
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
+    eng.vision_ahead, eng.pipeline = True, True
+    monkeypatch.setattr(eng, "_ahead_stream", lambda: setattr(eng, "_ahead_stream_", side) or side)
+    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=4)
+    a.image_keys = ["a/full"]
+    long = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=30)
+    long.image_keys = ["b/full"]
+    eng.submit(a, "a")
+    eng.submit(long, "long")
+    got: dict = {}
+    while "a" not in got:
+        got.update(dict(eng.poll()))
+    # nothing in flight yet: the stream ahead waits for the caller's; the prefill then for it, and both features
+    # (encoded ahead) are marked as read on the prefill's stream; then the first pipelined chunk's event
+    assert log[:5] == [("ahead", "wait_stream", "caller"), ("caller", "wait_stream", "ahead"),
+                       ("caller", "record_stream"), ("caller", "record_stream"), ("caller", "record", "chunk1")]
+    assert eng._chunk  # "long" decodes on: a chunk is in flight when a's next turn comes
+    log.clear()
+    nxt = _next_turn(tiny_bundle, a, got["a"][0], IM2, "a/crop-1")
+    eng.submit(nxt, "a2")
+    chunk = eng._chunk_event.name  # recorded just before the chunk in flight
+    eng.poll()
+    assert log[0] == ("ahead", "wait_event", chunk)  # not wait_stream(caller): that would wait for the chunk
+    i = log.index(("caller", "wait_stream", "ahead"))  # the prefill of a2 (its crop was encoded ahead)
+    assert ("caller", "record_stream") in log[i:] and eng.ahead_images == 3
+    while eng.in_flight():
+        got.update(dict(eng.poll()))
+    log.clear()
+    eng.generate([_req(tiny_bundle, "y", None, seed=5, max_new_tokens=2)])
+    assert ("caller", "wait_stream", "ahead") in log
+    monkeypatch.undo()
+    _equal_generate(tiny_bundle, got, {"a": a, "long": long, "a2": nxt}, logprobs=True)

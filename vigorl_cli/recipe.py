@@ -177,6 +177,9 @@ class EngineConfig:
     vision_graphs: bool | None = F(None, "hf continuous batching: a prefill's vision tower per group of same-grid "
                                          "images (zoom crops), one CUDA graph per (grid, count) on a GPU (None: the "
                                          "engine's default, off)")
+    vision_ahead: bool | None = F(None, "hf continuous batching: the new images of waiting requests are encoded "
+                                        "before their prefill, on a side CUDA stream beside the decode, into the "
+                                        "feature cache their prefill reads (None: the engine's default, off)")
     base_urls: list[str] = F([], "openai: server URLs (load-balanced), e.g. http://localhost:9001/v1")
     api_key: str | None = F(None, "openai: API key (default: $OPENAI_API_KEY or 'EMPTY')")
     served_model: str | None = F(None, "openai: model name the server serves (default: model.name)")

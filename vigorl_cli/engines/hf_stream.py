@@ -29,6 +29,7 @@ drain); no repetition penalty (such requests go through ``generate``); a sequenc
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Any
@@ -375,6 +376,7 @@ class HFStreamingEngine(HFEngine):
         # at ~3,100 fed tokens per prefill the padding cost what the replays saved (43.6 against 43.8 s, seventh session)
         self.prefill_graphs = False
         self._lm_graphs: _PrefillGraphs | None = None
+        self._overlap_warned = False  # said once: prefill graphs run eagerly with overlap (_graphed_lm)
         # run prefills without model.compile's compiled norms and MLPs (models/compile.py; decode steps keep them):
         # on an H200 a compiled region's call cost 170-460 µs of host time (profiled) against ~100 µs for its eager
         # ops, ~200 calls per prefill, and a prefill's launches are what the GPU waits for (docs/performance.md,
@@ -385,6 +387,16 @@ class HFStreamingEngine(HFEngine):
         # GPU waits for in a prefill. Off by default until measured
         self.vision_graphs = False
         self._tower_graphs: TowerGraphs | None = None
+        # encode the new images of waiting requests before their prefill, at the start of a poll: on a GPU on a side
+        # stream, beside the decode chunk in flight, into the feature cache their prefill reads (_encode_ahead). The
+        # tower is a prefill's compute-bound half (~45 ms of ~105 ms per prefill at 512 episodes on an H200, with
+        # vision_graphs: docs/performance.md, issue 7); the turn-synchronous loop has no decode to hide it behind.
+        # Off by default until measured
+        self.vision_ahead = False
+        self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
+        self._ahead_stream_: Any = None
+        self._ahead_towers: TowerGraphs | None = None  # its own graphs: a prefill's tower may run beside it
+        self._chunk_event: Any = None  # the caller's stream just before the pipelined chunk (what _encode_ahead waits for)
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)
@@ -453,6 +465,8 @@ class HFStreamingEngine(HFEngine):
         decodes), beside that chunk, and join the decoding slots at the first collect after their prefill finished."""
         self._polls += 1
         if not self._ready:
+            if self.vision_ahead:
+                self._encode_ahead()
             with self._decoding():
                 if not (self._chunk and self.overlap):
                     self._fill()
@@ -467,6 +481,7 @@ class HFStreamingEngine(HFEngine):
                     self._join(block=not self._active())
                     if self.pipeline and self._active():
                         cover = self.overlap and self._fill_due()
+                        self._mark_chunk()
                         self._advance(self._chunk_steps(cover))
                         self._chunk = True
                         if self.overlap:
@@ -511,11 +526,77 @@ class HFStreamingEngine(HFEngine):
             self._caller = None
 
     def _after_streams(self) -> None:
-        """Order the current stream's next work after everything launched on the decode and prefill streams."""
-        if self._streams:
+        """Order the current stream's next work after everything launched on the decode, prefill and vision-ahead
+        streams."""
+        streams = list(self._streams[1:]) + ([self._ahead_stream_] if self._ahead_stream_ is not None else [])
+        if streams:
             cur = torch.cuda.current_stream(self.model.device)
-            for stream in self._streams[1:]:
+            for stream in streams:
                 cur.wait_stream(stream)
+
+    # -- vision ahead ---------------------------------------------------------------------------------------------
+    AHEAD_MAX = 64  # images encoded ahead per poll at most
+
+    def _ahead_stream(self) -> Any:
+        """The side stream images are encoded ahead on (a GPU), else None."""
+        if self.model.device.type != "cuda":
+            return None
+        if self._ahead_stream_ is None:
+            self._ahead_stream_ = torch.cuda.Stream(self.model.device)
+        return self._ahead_stream_
+
+    def _mark_chunk(self) -> None:
+        """With :attr:`vision_ahead` on a GPU: an event on the caller's stream just before the pipelined decode chunk
+        is launched: everything the caller queued before it (a weight update) is what the next poll's
+        :meth:`_encode_ahead` must wait for, and the chunk itself is what it runs beside."""
+        if self.vision_ahead and not self.overlap and self._ahead_stream() is not None:
+            self._chunk_event = torch.cuda.Event()
+            self._chunk_event.record(torch.cuda.current_stream(self.model.device))
+
+    @torch.no_grad()
+    def _encode_ahead(self) -> None:
+        """The images of waiting requests that no prefill or earlier call has encoded (first seen: :meth:`_prepare`
+        processed their pixels) go through the vision tower now, each distinct one once, and into the feature
+        cache: their prefill then feeds the cached features (:meth:`_vision_inputs`) instead of running the tower on
+        the decode's path. On a GPU this runs on a side stream after the caller's work but not after the decode
+        chunk in flight, which it runs beside; a prefill's stream waits for it. (Qwen2-VL / Qwen2.5-VL with the
+        feature cache: not with ``synced_gpus``.)"""
+        if (not self._queue or self.synced_gpus or not self.dedupe_images
+                or self.bundle.kind not in SHARED_IMAGE_KINDS):
+            return
+        keys: list[str] = []
+        pix: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        for entry in self._queue:
+            prep = self._prepare(entry)
+            if isinstance(prep, Exception) or prep.grid is None:
+                continue
+            for j, k in enumerate(prep.keys):
+                if isinstance(k, str) and prep.pixels[j] is not None and k not in keys:
+                    keys.append(k)
+                    pix.append(prep.pixels[j])
+                    rows.append(prep.grid[j])
+        known = self._cached_features(keys)  # (drops features of older weights too)
+        todo = [i for i in range(len(keys)) if i not in known][:min(self.AHEAD_MAX, self.FEATURE_CACHE // 2)]
+        if not todo:
+            return
+        keys, pix = [keys[i] for i in todo], [pix[i] for i in todo]
+        grid = torch.stack([rows[i] for i in todo])
+        device = self.model.device
+        stream = self._ahead_stream()
+        if stream is not None:
+            cur = torch.cuda.current_stream(device)
+            if self._chunk and not self.overlap and self._chunk_event is not None:
+                stream.wait_event(self._chunk_event)  # not the chunk: it runs beside it
+            else:  # nothing in flight on the caller's stream, or the decode runs on its own stream
+                stream.wait_stream(cur)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            pv = cat_to_device(pix, device).to(self.model.dtype)
+            sharing = self._sharing(keys, grid, list(range(len(keys))), {}, check=False,
+                                    tower_graphs=self._towers(ahead=True))
+            with self._autocast(), fused_attention(device), sharing:
+                self.model.model.get_image_features(pv, to_device(grid, device))
+        self.ahead_images += len(keys)
 
     # -- slots ----------------------------------------------------------------------------------------------------
     def _state(self, device: torch.device) -> dict[str, Any]:
@@ -816,8 +897,15 @@ class HFStreamingEngine(HFEngine):
         if self._lm_graphs is None or self._lm_graphs.lm is not lm:
             self._lm_graphs = _PrefillGraphs(lm, self.slots, self.cache_len, self.READ_BUCKET)
         graphs = self._lm_graphs
-        graphs.use_graphs = (self.model.device.type == "cuda" and self.use_graphs is not False
-                             and graphs.capture_error is None)
+        cuda = self.model.device.type == "cuda" and self.use_graphs is not False
+        if cuda and self.overlap and not self._overlap_warned:
+            # an H200 run with both hung: a 3B model's no-barrier loop waited forever in the collect after a
+            # replayed prefill graph ran beside the decode graphs (docs/performance.md, ninth session). Until that is
+            # understood, overlapped prefills keep the bucketed shapes but run them eagerly
+            warnings.warn("engine.prefill_graphs: no CUDA graphs with engine.prefill_overlap (a GPU hang was seen "
+                          "with both; docs/performance.md); the prefills run eagerly at bucketed shapes", stacklevel=3)
+            self._overlap_warned = True
+        graphs.use_graphs = cuda and not self.overlap and graphs.capture_error is None
         original = lm.forward
 
         def forward(*args, **kw):
@@ -856,12 +944,17 @@ class HFStreamingEngine(HFEngine):
         episode's earlier images, when its next turn could not continue its slot)."""
         if not new_images:
             return {}, contextlib.nullcontext()
+        if self._ahead_stream_ is not None:  # features encoded ahead: written on that stream
+            torch.cuda.current_stream(device).wait_stream(self._ahead_stream_)
         keys = [todo[b].prep.keys[j] for b, j in new_images]
         grid_occ = torch.cat([todo[b].prep.grid[j:j + 1] for b, j in new_images])  # [occurrences, 3]
         share = self.dedupe_images and self.bundle.kind in SHARED_IMAGE_KINDS
         first, occ = distinct_images(keys) if share else (list(range(len(keys))), list(range(len(keys))))
         ukeys = [keys[i] for i in first]
         known = self._cached_features(ukeys) if share else {}
+        if self._ahead_stream_ is not None:  # allocated there: kept until this stream has read them
+            for f, _ in known.values():
+                f.record_stream(torch.cuda.current_stream(device))
         need = [new_images[first[u]] for u in range(len(first)) if u not in known]  # to encode, in order
         missing = [(b, j) for b, j in need if todo[b].prep.pixels[j] is None]  # not processed yet (_prepare)
         for (b, j), (pv, _) in zip(missing, self._process([todo[b].req.images[j] for b, j in missing])):
@@ -875,14 +968,17 @@ class HFStreamingEngine(HFEngine):
         # while the prefill runs beside the decode
         return extra, self._sharing(ukeys, grid_occ[first], occ, known, check=False, tower_graphs=self._towers())
 
-    def _towers(self) -> TowerGraphs | None:
-        """With :attr:`vision_graphs`: the vision tower's :class:`TowerGraphs` (graphs on a GPU), else None."""
+    def _towers(self, ahead: bool = False) -> TowerGraphs | None:
+        """With :attr:`vision_graphs`: the vision tower's :class:`TowerGraphs` (graphs on a GPU), else None; the
+        prefills' and :meth:`_encode_ahead`'s are two (a prefill's tower may replay beside the stream ahead)."""
         visual = getattr(getattr(self.model, "model", None), "visual", None)
         if not self.vision_graphs or visual is None:
             return None
-        if self._tower_graphs is None or self._tower_graphs.visual is not visual:
-            self._tower_graphs = TowerGraphs(visual)
-        tg = self._tower_graphs
+        attr = "_ahead_towers" if ahead else "_tower_graphs"
+        tg = getattr(self, attr)
+        if tg is None or tg.visual is not visual:
+            tg = TowerGraphs(visual)
+            setattr(self, attr, tg)
         tg.use_graphs = self.model.device.type == "cuda" and self.use_graphs is not False
         return tg
 
