@@ -711,7 +711,7 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager /
-    vision_graphs set the streaming engine's scheduling; left at None they keep its defaults; values below 1 are
+    vision_graphs / vision_ahead set the streaming engine's scheduling; left at None they keep its defaults; values below 1 are
     recipe errors naming the key.
     engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
@@ -725,11 +725,12 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
                            "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true",
-                           "engine.vision_graphs=true"])
+                           "engine.vision_graphs=true", "engine.vision_ahead=true"])
     eng = hf_engine(tiny_bundle, r.engine)
     assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
-            eng.share_prompts, eng.prefill_eager, eng.vision_graphs) == (True, 3, 8, 24, True, True, True, True)
-    assert plain.prefill_eager is False and plain.vision_graphs is False
+            eng.share_prompts, eng.prefill_eager, eng.vision_graphs, eng.vision_ahead) == (True, 3, 8, 24, True, True,
+                                                                                             True, True, True)
+    assert plain.prefill_eager is False and plain.vision_graphs is False and plain.vision_ahead is False
     static = hf_engine(tiny_bundle, load_recipe(None, ["engine.static_cache=true", "engine.share_prompts=true"]).engine)
     assert type(static) is HFEngine and static.share_prompts is True
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
@@ -1036,3 +1037,26 @@ def test_images_encoded_ahead_wait_for_the_callers_work_not_for_the_chunk(tiny_b
     assert ("caller", "wait_stream", "ahead") in log
     monkeypatch.undo()
     _equal_generate(tiny_bundle, got, {"a": a, "long": long, "a2": nxt}, logprobs=True)
+
+
+def test_prefill_graphs_are_not_replayed_beside_an_overlapped_decode(tiny_bundle, monkeypatch):
+    """An H200 run with engine.prefill_overlap and engine.prefill_graphs hung (the collect after a replayed prefill
+    graph beside the decode graphs never returned: docs/performance.md). With overlap the bucketed prefills run
+    eagerly on a GPU, said once in a warning; without it they may replay graphs."""
+    import warnings
+
+    from vigorl_cli.engines.hf_stream import SlotCache
+
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=64, max_new_cap=8)
+    eng.prefill_graphs = True
+    monkeypatch.setattr(type(eng.model), "device", property(lambda self: torch.device("cuda")))
+    cache = SlotCache(2, 64, torch.device("cpu"))
+    with eng._graphed_lm(cache):
+        assert eng._lm_graphs.use_graphs
+    eng.overlap = True
+    with pytest.warns(UserWarning, match="no CUDA graphs with engine.prefill_overlap"), eng._graphed_lm(cache):
+        assert not eng._lm_graphs.use_graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with eng._graphed_lm(cache):  # said once
+            assert not eng._lm_graphs.use_graphs
