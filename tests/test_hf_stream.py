@@ -20,12 +20,14 @@ IM1 = Image.new("RGB", (200, 120), (255, 0, 0))
 IM2 = Image.new("RGB", (80, 300), (0, 0, 255))
 
 
-def _req(bundle, text, img, **kw):
+def _req(bundle, text, img, key: str | None = None, **kw):
+    """A one-image (or text-only) request; ``key``: its image's key (else the image's identity)."""
     content = ([{"type": "image"}] if img is not None else []) + [{"type": "text", "text": text}]
     prompt = bundle.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
     ids = bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return GenerationRequest(ids, [img] if img is not None else [], SamplingParams(**kw))
+    return GenerationRequest(ids, [img] if img is not None else [], SamplingParams(**kw),
+                             image_keys=[key] if key is not None else None)
 
 
 def _drain(engine):
@@ -227,8 +229,7 @@ def test_prefill_copies_to_the_device_never_wait_for_it(tiny_bundle, monkeypatch
 
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
     eng.vision_graphs = towers
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["s/full"]
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6, key="s/full")
     other = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=4)
     monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch, "tensor", tensor)
@@ -251,8 +252,7 @@ def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bun
     prompt. A prompt with the same tokens but another first image (same size) is not served from that cache."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
     eng.prefill_graphs = graphs  # (bucketed language-model prefill: the held prefix is read the same)
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
-    first.image_keys = ["s/full"]
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12, key="s/full")
     eng.submit(first, "t1")
     got, _ = _drain(eng)
     c1 = got["t1"][0]
@@ -285,8 +285,7 @@ def test_a_next_turn_is_prefilled_from_the_cached_prefix_of_its_episode(tiny_bun
 
 def _short_and_long(bundle):
     """A short first turn (6 tokens, named image) and a long request (60 tokens) to decode beside it."""
-    first = _req(bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    first.image_keys = ["s/full"]
+    first = _req(bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6, key="s/full")
     return first, _req(bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=60)
 
 
@@ -459,10 +458,8 @@ def test_a_next_turn_keeps_its_slot_when_an_earlier_request_shares_its_image(tin
     continues its own slot (the longer reuse), and the group-mate takes the other parked slot, reusing the chat
     template's opening that every prompt shares. Both sample what generate samples."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
-    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12)
-    first.image_keys = ["s/full"]
-    other = _req(tiny_bundle, "Where is the dog?", IM2, seed=3, max_new_tokens=8)
-    other.image_keys = ["t/full"]
+    first = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=12, key="s/full")
+    other = _req(tiny_bundle, "Where is the dog?", IM2, seed=3, max_new_tokens=8, key="t/full")
     eng.submit(first, "t1")
     eng.submit(other, "o")
     got, _ = _drain(eng)
@@ -711,8 +708,8 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager /
-    vision_graphs / vision_ahead set the streaming engine's scheduling; left at None they keep its defaults; values below 1 are
-    recipe errors naming the key.
+    vision_graphs / vision_ahead set the streaming engine's scheduling; left at None they keep its defaults; values
+    below 1 are recipe errors naming the key.
     engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
     from vigorl_cli.errors import RecipeError
@@ -763,8 +760,7 @@ def test_identical_prompts_in_one_prefill_are_fed_once(tiny_bundle, overlap):
     eng.overlap, eng.share_prompts = overlap, True
     group = []
     for k in range(4):
-        r = _req(tiny_bundle, "What colour is it?", IM1, seed=10 + k, max_new_tokens=12)
-        r.image_keys = ["g/full"]
+        r = _req(tiny_bundle, "What colour is it?", IM1, seed=10 + k, max_new_tokens=12, key="g/full")
         group.append(r)
     many = _req(tiny_bundle, "Another one", IM2, seed=4, max_new_tokens=9, n=3)
     other = _req(tiny_bundle, "Where is the dog in this much longer question?", IM2, seed=5, max_new_tokens=7)
@@ -940,12 +936,9 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
 
     monkeypatch.setattr(visual, "forward", forward)
     monkeypatch.setattr(eng, "_encode_ahead", ahead)
-    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6)
-    a.image_keys = ["a/full"]
-    twin = _req(tiny_bundle, "What colour is it now?", IM1, seed=2, max_new_tokens=9)  # a GRPO group's image
-    twin.image_keys = ["a/full"]
-    b = _req(tiny_bundle, "x", IM2, seed=3, max_new_tokens=12)
-    b.image_keys = ["b/full"]
+    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=6, key="a/full")
+    twin = _req(tiny_bundle, "What colour is it now?", IM1, seed=2, max_new_tokens=9, key="a/full")  # a group's
+    b = _req(tiny_bundle, "x", IM2, seed=3, max_new_tokens=12, key="b/full")
     for tag, r in (("a", a), ("twin", twin), ("b", b)):
         eng.submit(r, tag)
     got, _ = _drain(eng)
@@ -960,8 +953,7 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
     with torch.no_grad():  # new weights (same values): cached features are stale
         next(visual.parameters()).add_(0)
     calls.clear()
-    again = _req(tiny_bundle, "Again?", IM1, seed=4, max_new_tokens=5)
-    again.image_keys = ["a/full"]
+    again = _req(tiny_bundle, "Again?", IM1, seed=4, max_new_tokens=5, key="a/full")
     eng.submit(again, "again")
     got = _drain(eng)[0]
     assert calls == [(False, 1)] and eng.ahead_images == 3  # encoded by its prefill
@@ -1008,10 +1000,8 @@ def test_images_encoded_ahead_wait_for_the_callers_work_not_for_the_chunk(tiny_b
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=32)
     eng.vision_ahead, eng.pipeline = True, True
     monkeypatch.setattr(eng, "_ahead_stream", lambda: setattr(eng, "_ahead_stream_", side) or side)
-    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=4)
-    a.image_keys = ["a/full"]
-    long = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=30)
-    long.image_keys = ["b/full"]
+    a = _req(tiny_bundle, "What colour is it?", IM1, seed=1, max_new_tokens=4, key="a/full")
+    long = _req(tiny_bundle, "x", IM2, seed=2, max_new_tokens=30, key="b/full")
     eng.submit(a, "a")
     eng.submit(long, "long")
     got: dict = {}
