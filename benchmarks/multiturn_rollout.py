@@ -40,6 +40,7 @@ writes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -342,6 +343,23 @@ def time_modules(model: Any, sink) -> None:
             mod.forward = _timed(mod.forward, name, sink)
 
 
+@contextlib.contextmanager
+def watchdog(seconds: float | None, file: Any = None, end: bool = True):
+    """Within the block: past ``seconds``, every thread's Python stack goes to ``file`` (stderr) and, with ``end``,
+    the process ends — a run that hangs on the GPU (a kernel that never finishes) then costs ``seconds`` of device
+    time, not the whole call, and says where it waited. The runs printed before it are kept."""
+    import faulthandler
+
+    if not seconds:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds, exit=end, file=file if file is not None else sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def parse_variants(text: str | None) -> list[dict[str, Any]]:
     """``"pipeline=0;prefill_min=4,PREFILL_WAIT=2"`` → ``[{"pipeline": 0}, {"prefill_min": 4, "PREFILL_WAIT": 2}]``:
     engine attributes for extra no-barrier runs (values are JSON literals)."""
@@ -405,6 +423,10 @@ def main() -> None:
     ap.add_argument("--nb-variants", default=None, metavar="SPEC",
                     help="hf: extra no-barrier runs with engine attributes changed, e.g. "
                          "'pipeline=false;prefill_min=4,PREFILL_WAIT=2' (each compared with the same turn-sync run)")
+    ap.add_argument("--run-timeout", type=float, default=None, metavar="S",
+                    help="end the process, with every thread's stack on stderr, if one run (a loop or a variant) "
+                         "takes longer than S seconds: a hung variant then costs S of device time (runs already "
+                         "printed stay)")
     ap.add_argument("--nb-set", default=None, metavar="KEY=VALUE,...",
                     help="hf: engine attributes of the main no-barrier run, e.g. 'PREFILL_WAIT=8' (same syntax as one "
                          "--nb-variants entry; the variants start from these)")
@@ -555,9 +577,10 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
-        run_episodes(eng, eps)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        with watchdog(args.run_timeout):
+            run_episodes(eng, eps)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
         dt = time.perf_counter() - t
         turns = sum(e.turns for e in eps)
         out = {"loop": label, "engine": type(engine).__name__, "device": dev,

@@ -684,15 +684,37 @@ def test_a_long_queue_is_prefilled_in_batches_not_one_slot_at_a_time(tiny_bundle
     assert all(got[i][0].token_ids == want[i][0].token_ids for i in range(40))
 
 
-def test_multiturn_benchmark_step_bounds_by_hand():
-    """benchmarks/multiturn_rollout.py's decode-step bounds on hand-made plans: the turn-synchronous loop pays each
-    batch's longest turn (rounded up to the check interval) per round; the no-barrier loop at least total / slots
-    and its longest episode, and, with episodes started in order as slots free up, the schedule's tail."""
+def _multiturn_benchmark():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("mtr", ROOT / "benchmarks" / "multiturn_rollout.py")
     mtr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mtr)
+    return mtr
+
+
+def test_multiturn_benchmark_watchdog_dumps_where_a_run_hangs(tmp_path):
+    """benchmarks/multiturn_rollout.py --run-timeout: a run still going after its seconds gets every thread's stack
+    written (where it waits; the benchmark then ends the process, not here); a run that ends in time, nothing."""
+    import time
+
+    mtr = _multiturn_benchmark()
+    with open(tmp_path / "late.txt", "w") as f, mtr.watchdog(0.2, file=f, end=False):
+        time.sleep(0.8)
+    late = (tmp_path / "late.txt").read_text()
+    assert "Timeout" in late and "test_multiturn_benchmark_watchdog_dumps_where_a_run_hangs" in late
+    with open(tmp_path / "ok.txt", "w") as f:
+        with mtr.watchdog(0.3, file=f, end=False):
+            pass
+        time.sleep(0.6)
+    assert (tmp_path / "ok.txt").read_text() == ""
+
+
+def test_multiturn_benchmark_step_bounds_by_hand():
+    """benchmarks/multiturn_rollout.py's decode-step bounds on hand-made plans: the turn-synchronous loop pays each
+    batch's longest turn (rounded up to the check interval) per round; the no-barrier loop at least total / slots
+    and its longest episode, and, with episodes started in order as slots free up, the schedule's tail."""
+    mtr = _multiturn_benchmark()
     keys = ["a", "b", "c"]
     plan = {"a": (1, [4, 8]), "b": (0, [2]), "c": (0, [6])}
     got = mtr.step_bounds(plan, keys, slots=2, check=4)
