@@ -445,15 +445,23 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: "side")
+    made = iter(["side", "side2"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: next(made))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("emptied the device cache"))
     monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: pytest.fail("emptied the pinned cache"), raising=False)
-    monkeypatch.setattr(sd, "_capture_stream", None)
+    monkeypatch.setattr(sd, "_capture_streams", {})
     graph, out, err = sd.capture_call(lambda: calls.append("fn") or 7, pool="P", what="test graphs")
     assert isinstance(graph, Graph) and out == 7 and err is None
     assert calls == ["sync", ("stream", "side"), ("begin", ("P",)), "fn", "end"]
+    # graphs that may replay beside each other are captured on different streams (their own cuBLAS workspaces);
+    # a lane keeps its stream
+    calls.clear()
+    sd.capture_call(lambda: None, what="test graphs", lane="ahead")
+    sd.capture_call(lambda: None, what="test graphs")
+    assert [c for c in calls if c[0] == "stream"] == [("stream", "side2"), ("stream", "side")]
 
     calls.clear()
 
@@ -472,11 +480,11 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
     used = []
 
     @contextlib.contextmanager
-    def graph_cm(g, pool=None):
-        used.append(pool)
+    def graph_cm(g, pool=None, stream=None):
+        used.append((pool, stream))
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", OldGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph_cm)
     graph, out, err = sd.capture_call(lambda: 5, pool="P")
-    assert isinstance(graph, OldGraph) and out == 5 and err is None and used == ["P"]
+    assert isinstance(graph, OldGraph) and out == 5 and err is None and used == [("P", "side")]

@@ -971,6 +971,8 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
     assert eng.ahead_images == 3 and eng.prefills >= 2
     _equal_generate(tiny_bundle, got, {"a": a, "twin": twin, "b": b, "a2": nxt}, logprobs=True)
     assert (eng._ahead_towers is not None and eng._ahead_towers.eager > 0) == towers
+    if towers:  # captured on streams of their own: they replay beside the decode (static_decode.capture_stream)
+        assert eng._ahead_towers.lane == "ahead" and eng._towers().lane == "prefill"
 
     with torch.no_grad():  # new weights (same values): cached features are stale
         next(visual.parameters()).add_(0)
@@ -1072,3 +1074,6 @@ def test_prefill_graphs_are_not_replayed_beside_an_overlapped_decode(tiny_bundle
         warnings.simplefilter("error")
         with eng._graphed_lm(cache):  # said once
             assert not eng._lm_graphs.use_graphs
+        eng.OVERLAP_PREFILL_GRAPHS = True  # (to check on a GPU whether the capture lanes fixed the hang)
+        with eng._graphed_lm(cache):
+            assert eng._lm_graphs.use_graphs and eng._lm_graphs.lane == "prefill"

@@ -42,6 +42,7 @@ from vigorl_cli.engines.static_decode import (
     GraphCache,
     _attn_implementation,
     capture_step,
+    capture_stream,
     decode_attention,
     prompt_positions,
     supports,
@@ -342,6 +343,12 @@ class HFStreamingEngine(HFEngine):
     MAX_CHUNK = 64  # the longest chunk (longer CHECK_EVERY / PREFILL_COVER are cut to it): sizes the spare columns
     WARMUP_STEPS = 2
     no_barrier = True
+    # An H200 run with overlap and prefill graphs hung: a 3B model's no-barrier loop waited forever in the collect
+    # after a prefill graph was replayed beside the decode graphs (docs/performance.md, ninth session), both then
+    # captured on one stream, so sharing one cuBLAS workspace (static_decode.capture_stream: now one stream per lane).
+    # Until a GPU run shows that the lanes fixed it, overlapped prefills run their buckets eagerly; True lets them
+    # replay graphs (benchmarks: --nb-variants 'overlap=true,prefill_graphs=true,OVERLAP_PREFILL_GRAPHS=true')
+    OVERLAP_PREFILL_GRAPHS = False
 
     def __init__(self, bundle, batch_size: int = 16, seed: int = 0, cache_len: int = 4096,
                  max_new_cap: int = 4096, autocast_dtype: torch.dtype | None = None, use_graphs: bool | None = None):
@@ -898,14 +905,12 @@ class HFStreamingEngine(HFEngine):
             self._lm_graphs = _PrefillGraphs(lm, self.slots, self.cache_len, self.READ_BUCKET)
         graphs = self._lm_graphs
         cuda = self.model.device.type == "cuda" and self.use_graphs is not False
-        if cuda and self.overlap and not self._overlap_warned:
-            # an H200 run with both hung: a 3B model's no-barrier loop waited forever in the collect after a
-            # replayed prefill graph ran beside the decode graphs (docs/performance.md, ninth session). Until that is
-            # understood, overlapped prefills keep the bucketed shapes but run them eagerly
+        held = self.overlap and not self.OVERLAP_PREFILL_GRAPHS
+        if cuda and held and not self._overlap_warned:
             warnings.warn("engine.prefill_graphs: no CUDA graphs with engine.prefill_overlap (a GPU hang was seen "
                           "with both; docs/performance.md); the prefills run eagerly at bucketed shapes", stacklevel=3)
             self._overlap_warned = True
-        graphs.use_graphs = cuda and not self.overlap and graphs.capture_error is None
+        graphs.use_graphs = cuda and not held and graphs.capture_error is None
         original = lm.forward
 
         def forward(*args, **kw):
@@ -977,7 +982,7 @@ class HFStreamingEngine(HFEngine):
         attr = "_ahead_towers" if ahead else "_tower_graphs"
         tg = getattr(self, attr)
         if tg is None or tg.visual is not visual:
-            tg = TowerGraphs(visual)
+            tg = TowerGraphs(visual, lane="ahead" if ahead else "prefill")
             setattr(self, attr, tg)
         tg.use_graphs = self.model.device.type == "cuda" and self.use_graphs is not False
         return tg
@@ -1087,7 +1092,7 @@ class HFStreamingEngine(HFEngine):
                         self._graph_weights = (weight_addresses(self.model), self.decode_backend)
                     continue
                 elif graphs:
-                    side = torch.cuda.Stream(device)
+                    side = capture_stream("decode")  # warm up where the step is captured
                     side.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(side), self._autocast():
                         self._step()

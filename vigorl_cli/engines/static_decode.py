@@ -173,7 +173,7 @@ def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
         with autocast:
             step()
 
-    g, _, err = capture_call(run, None, "static decode")
+    g, _, err = capture_call(run, None, "static decode", lane="decode")
     return g, err
 
 
@@ -198,7 +198,22 @@ class _Expanded:
         return getattr(self._cache, name)
 
 
-_capture_stream = None
+_capture_streams: dict[tuple, Any] = {}
+
+
+def capture_stream(lane: str = "decode") -> Any:
+    """The side stream that the CUDA graphs of ``lane`` are captured on (one per lane and device). PyTorch keys cuBLAS
+    workspaces by stream, and a captured graph keeps its capture stream's workspace address: graphs that may replay
+    at the same time on different streams — the decode steps beside a prefill on the overlap's prefill stream, the
+    vision tower ahead beside the decode — must come from different capture streams, or their matrix products share
+    one workspace (pytorch/pytorch#193402; a hang was seen with prefill graphs beside the overlapped decode:
+    docs/performance.md). Lanes: ``decode`` (both decode loops' steps), ``prefill`` (a prefill's language model and
+    vision tower, one after the other on one stream), ``ahead`` (the streaming engine's vision tower ahead). Eager
+    warm-up steps before a capture run on it too."""
+    key = (lane, torch.cuda.current_device())
+    if key not in _capture_streams:
+        _capture_streams[key] = torch.cuda.Stream()
+    return _capture_streams[key]
 
 
 class _OtherCaptureAPI(Exception):
@@ -206,16 +221,13 @@ class _OtherCaptureAPI(Exception):
 
 
 @contextlib.contextmanager
-def _capturing(graph: Any, pool: Any):
+def _capturing(graph: Any, pool: Any, lane: str = "decode"):
     """``torch.cuda.graph(graph, pool=pool)`` without what it does first besides synchronising: emptying the device
     allocator's cache and the pinned host cache (``torch.cuda.graph`` does both at every capture, so the prefills
     after a capture mid-run allocate device memory and pinned buffers afresh: the profile's ``cudaHostAlloc``
-    calls). Captured on a side stream, as there."""
-    global _capture_stream
+    calls). Captured on ``lane``'s side stream (:func:`capture_stream`)."""
     torch.cuda.synchronize()
-    if _capture_stream is None:
-        _capture_stream = torch.cuda.Stream()
-    with torch.cuda.stream(_capture_stream):
+    with torch.cuda.stream(capture_stream(lane)):
         try:
             if pool is not None:
                 graph.capture_begin(pool)
@@ -229,18 +241,20 @@ def _capturing(graph: Any, pool: Any):
             graph.capture_end()
 
 
-def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph") -> tuple[Any, Any, str | None]:
-    """Record ``fn()`` as a CUDA graph in memory pool ``pool`` (not run): ``(graph, fn's output, None)``, or
-    ``(None, None, reason)`` after saying once why it could not be captured (a host sync or a host tensor inside),
-    so that the caller runs it eagerly. The output's memory is the graph's: every replay overwrites it."""
+def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph", lane: str = "decode"
+                 ) -> tuple[Any, Any, str | None]:
+    """Record ``fn()`` as a CUDA graph in memory pool ``pool`` (not run), on ``lane``'s capture stream
+    (:func:`capture_stream`): ``(graph, fn's output, None)``, or ``(None, None, reason)`` after saying once why it
+    could not be captured (a host sync or a host tensor inside), so that the caller runs it eagerly. The output's
+    memory is the graph's: every replay overwrites it."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with _capturing(graph, pool):
+        with _capturing(graph, pool, lane):
             out = fn()
     except _OtherCaptureAPI:  # its own context manager then (it empties the caches)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=capture_stream(lane)):
                 out = fn()
         except RuntimeError as e:
             return _capture_failed(e, what)
@@ -280,8 +294,9 @@ class GraphCache:
     TOLERANCE = 2e-2
     WHAT = "CUDA graphs"
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, lane: str = "prefill"):
         self.module = module
+        self.lane = lane  # capture stream (capture_stream): graphs of other lanes may replay beside these
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key → what a replay needs
         self.seen: dict[tuple, int] = {}  # key → sightings
         self.pool = None
@@ -298,7 +313,7 @@ class GraphCache:
         """``fn()`` captured into the pool (not run): ``(graph, output)``, or ``(None, None)`` with capturing off."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph, out, err = capture_call(fn, self.pool, self.WHAT)
+        graph, out, err = capture_call(fn, self.pool, self.WHAT, lane=self.lane)
         if err is not None:
             self.capture_error, self.use_graphs = err, False
         return graph, out
@@ -500,7 +515,7 @@ class StaticDecoder:
                 graphs = self._capture(st, params, autocast)
                 continue  # capturing does not run the step: replay it (or run it eagerly) on the next turn
             elif graphs:
-                side = torch.cuda.Stream(device)
+                side = capture_stream("decode")  # warm up where the step is captured
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side), autocast:
                     self._decode_step(st, params)
