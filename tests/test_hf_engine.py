@@ -488,3 +488,52 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", graph_cm)
     graph, out, err = sd.capture_call(lambda: 5, pool="P")
     assert isinstance(graph, OldGraph) and out == 5 and err is None and used == [("P", "side")]
+
+
+def test_graphs_of_one_lane_are_dropped_together(tiny_bundle, monkeypatch):
+    """PyTorch releases a capture stream's cuBLAS workspace when any graph captured on it is reset, under the other
+    graphs of that stream (static_decode.capture_stream). So every owner of graphs has a lane of its own and drops
+    its graphs all together, before capturing again: a GraphCache holding KEEP graphs drops all of them before the
+    next capture, and all of them when a new graph's first replay disagrees; a StaticDecoder drops every state's
+    graph when it evicts a state or when the parameters moved. Lanes of different owners differ."""
+    from vigorl_cli.engines import static_decode as sd
+
+    live_at_capture = []
+
+    class Cache(sd.GraphCache):
+        KEEP = 3
+
+    cache = Cache(torch.nn.Linear(2, 2))
+
+    def fake_capture(fn, pool, what, lane):
+        assert lane == cache.lane
+        live_at_capture.append(len(cache.graphs))
+        return object(), torch.zeros(1), None
+
+    monkeypatch.setattr(sd, "capture_call", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    for k in range(5):
+        graph, out = cache._record(lambda: None)
+        assert cache._admit(k, (graph,), out, torch.zeros(1))
+    assert live_at_capture == [0, 1, 2, 0, 1] and list(cache.graphs) == [3, 4]
+    with pytest.warns(UserWarning, match="replay differed"):
+        assert not cache._admit(5, (object(),), torch.ones(1), torch.zeros(1))
+    assert not cache.graphs and not cache.use_graphs
+    assert Cache(torch.nn.Linear(2, 2)).lane != cache.lane
+
+    dec = sd.StaticDecoder(tiny_bundle.model)
+    params = SamplingParams(max_new_tokens=4)
+    states = [dec._state(2, 32 + i, 4, params, torch.device("cpu"), torch.float32, (1,), ()) for i in range(4)]
+    for st in states:
+        st.graph, st.eager_steps = object(), 2
+    dec._state(2, 64, 4, params, torch.device("cpu"), torch.float32, (1,), ())  # a fifth: the oldest goes
+    assert len(dec.states) == 4 and all(st.graph is None and st.eager_steps == 0 for st in dec.states.values())
+    assert dec.lane != sd.StaticDecoder(tiny_bundle.model).lane != cache.lane
+    eng = HFEngine(tiny_bundle, static_cache=True)  # moved parameters: every state's graph goes, not only the one used
+    eng.generate([_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=3)])
+    eng.generate([_req(tiny_bundle, "y", IM2, seed=2, max_new_tokens=5)])
+    assert len(eng._decoder.states) == 2
+    for st in eng._decoder.states.values():
+        st.graph, st.weights = object(), ("elsewhere",)
+    eng.generate([_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=3)])
+    assert all(st.graph is None for st in eng._decoder.states.values())

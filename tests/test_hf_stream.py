@@ -972,7 +972,8 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
     _equal_generate(tiny_bundle, got, {"a": a, "twin": twin, "b": b, "a2": nxt}, logprobs=True)
     assert (eng._ahead_towers is not None and eng._ahead_towers.eager > 0) == towers
     if towers:  # captured on streams of their own: they replay beside the decode (static_decode.capture_stream)
-        assert eng._ahead_towers.lane == "ahead" and eng._towers().lane == "prefill"
+        lanes = {eng._ahead_towers.lane, eng._towers().lane, eng._lane, eng._decoder.lane}
+        assert len(lanes) == 4
 
     with torch.no_grad():  # new weights (same values): cached features are stale
         next(visual.parameters()).add_(0)
@@ -1076,4 +1077,20 @@ def test_prefill_graphs_are_not_replayed_beside_an_overlapped_decode(tiny_bundle
             assert not eng._lm_graphs.use_graphs
         eng.OVERLAP_PREFILL_GRAPHS = True  # (to check on a GPU whether the capture lanes fixed the hang)
         with eng._graphed_lm(cache):
-            assert eng._lm_graphs.use_graphs and eng._lm_graphs.lane == "prefill"
+            assert eng._lm_graphs.use_graphs and eng._lm_graphs.lane != eng._lane
+
+
+def test_decode_graphs_outlive_a_drain_with_the_same_sampling_settings(tiny_bundle):
+    """The slots' decode graphs bake in the sampling settings (temperature, top-p, top-k): after the slots drain (a
+    rollout ends) the next request's settings replace them, and the graphs are dropped — all together, their lane's
+    rule — only if those differ (a GRPO run's rollouts keep theirs instead of capturing again every step)."""
+    from vigorl_cli.engines.static_decode import weight_addresses
+
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=8)
+    for temp, kept in ((1.0, False), (1.0, True), (1.0, True), (0.7, False)):  # (the first sets them)
+        sentinel = {64: object()}
+        eng._graphs = dict(sentinel)
+        eng._graph_weights = (weight_addresses(eng.model), eng.decode_backend)
+        eng.submit(_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=4, temperature=temp), "r")
+        _drain(eng)
+        assert (eng._graphs == sentinel) == kept, temp

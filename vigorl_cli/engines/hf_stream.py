@@ -345,7 +345,7 @@ class HFStreamingEngine(HFEngine):
     no_barrier = True
     # An H200 run with overlap and prefill graphs hung: a 3B model's no-barrier loop waited forever in the collect
     # after a prefill graph was replayed beside the decode graphs (docs/performance.md, ninth session), both then
-    # captured on one stream, so sharing one cuBLAS workspace (static_decode.capture_stream: now one stream per lane).
+    # captured on one stream, so sharing one cuBLAS workspace (static_decode.capture_stream: now one stream per owner).
     # Until a GPU run shows that the lanes fixed it, overlapped prefills run their buckets eagerly; True lets them
     # replay graphs (benchmarks: --nb-variants 'overlap=true,prefill_graphs=true,OVERLAP_PREFILL_GRAPHS=true')
     OVERLAP_PREFILL_GRAPHS = False
@@ -419,7 +419,8 @@ class HFStreamingEngine(HFEngine):
         self._params = None  # the sampling settings the slots run now
         self._params_core: tuple = ()
         self._st: dict[str, Any] | None = None
-        self._graphs: dict[int, Any] = {}  # read width → captured decode step
+        self._graphs: dict[int, Any] = {}  # read width → captured decode step (replaced all together: their lane)
+        self._lane = f"decode-{id(self)}"  # the capture stream of the decode steps (static_decode.capture_stream)
         self._graph_weights: tuple = ()  # parameter addresses the graphs were captured with
         self._eager_steps = 0
         self.captures = 0
@@ -691,8 +692,9 @@ class HFStreamingEngine(HFEngine):
         """Whether ``req`` can run beside the slots' current sampling settings (which it sets when there are none)."""
         core = (req.params.temperature, req.params.top_p, req.params.top_k)
         if self._params is None:
+            if core != self._params_core:  # sampling settings are part of the graphs (same ones: kept)
+                self._graphs, self._eager_steps = {}, 0
             self._params, self._params_core = req.params, core
-            self._graphs, self._eager_steps = {}, 0  # sampling settings are part of the graphs
         return core == self._params_core
 
     GRID_CACHE = 4096  # string image keys whose patch grid is remembered
@@ -982,7 +984,7 @@ class HFStreamingEngine(HFEngine):
         attr = "_ahead_towers" if ahead else "_tower_graphs"
         tg = getattr(self, attr)
         if tg is None or tg.visual is not visual:
-            tg = TowerGraphs(visual, lane="ahead" if ahead else "prefill")
+            tg = TowerGraphs(visual)  # (each its own capture lane: the two may replay side by side)
             setattr(self, attr, tg)
         tg.use_graphs = self.model.device.type == "cuda" and self.use_graphs is not False
         return tg
@@ -1083,7 +1085,7 @@ class HFStreamingEngine(HFEngine):
                 if graphs and width in self._graphs:
                     self._graphs[width].replay()
                 elif graphs and self._eager_steps >= self.WARMUP_STEPS:
-                    graph, err = capture_step(self._step, self._autocast())
+                    graph, err = capture_step(self._step, self._autocast(), self._lane)
                     if graph is None:
                         self.capture_error, self.use_graphs, graphs = err, False, False
                     else:
@@ -1092,7 +1094,7 @@ class HFStreamingEngine(HFEngine):
                         self._graph_weights = (weight_addresses(self.model), self.decode_backend)
                     continue
                 elif graphs:
-                    side = capture_stream("decode")  # warm up where the step is captured
+                    side = capture_stream(self._lane)  # warm up where the step is captured
                     side.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(side), self._autocast():
                         self._step()

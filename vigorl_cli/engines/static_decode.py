@@ -165,15 +165,16 @@ def weight_version(module: torch.nn.Module) -> int:
     return sum(p._version for p in module.parameters())
 
 
-def capture_step(step: Any, autocast: Any) -> tuple[Any, str | None]:
-    """Record ``step()`` (one capture-safe decode step) as a CUDA graph: ``(graph, None)``. If the model's forward
-    cannot be captured (a host sync or a host tensor inside it), say so once and return ``(None, reason)``: the
-    caller keeps decoding eagerly (same tokens, only slower). Capturing does not run the step."""
+def capture_step(step: Any, autocast: Any, lane: str) -> tuple[Any, str | None]:
+    """Record ``step()`` (one capture-safe decode step) as a CUDA graph on ``lane`` (:func:`capture_stream`):
+    ``(graph, None)``. If the model's forward cannot be captured (a host sync or a host tensor inside it), say so
+    once and return ``(None, reason)``: the caller keeps decoding eagerly (same tokens, only slower). Capturing does
+    not run the step."""
     def run() -> None:
         with autocast:
             step()
 
-    g, _, err = capture_call(run, None, "static decode", lane="decode")
+    g, _, err = capture_call(run, None, "static decode", lane=lane)
     return g, err
 
 
@@ -201,15 +202,19 @@ class _Expanded:
 _capture_streams: dict[tuple, Any] = {}
 
 
-def capture_stream(lane: str = "decode") -> Any:
-    """The side stream that the CUDA graphs of ``lane`` are captured on (one per lane and device). PyTorch keys cuBLAS
-    workspaces by stream, and a captured graph keeps its capture stream's workspace address: graphs that may replay
-    at the same time on different streams — the decode steps beside a prefill on the overlap's prefill stream, the
-    vision tower ahead beside the decode — must come from different capture streams, or their matrix products share
-    one workspace (pytorch/pytorch#193402; a hang was seen with prefill graphs beside the overlapped decode:
-    docs/performance.md). Lanes: ``decode`` (both decode loops' steps), ``prefill`` (a prefill's language model and
-    vision tower, one after the other on one stream), ``ahead`` (the streaming engine's vision tower ahead). Eager
-    warm-up steps before a capture run on it too."""
+def capture_stream(lane: str) -> Any:
+    """The side stream that the CUDA graphs of ``lane`` are captured on (one per lane and device).
+
+    PyTorch keys cuBLAS workspaces by stream, and a captured graph keeps its capture stream's workspace address
+    (pytorch/pytorch#193402), so graphs captured on one stream share one workspace: (1) two of them replaying at the
+    same time on different streams — the decode steps beside a prefill on the overlap's prefill stream, the vision
+    tower ahead beside the decode — write it at once (a hang was seen with prefill graphs beside the overlapped
+    decode: docs/performance.md); (2) destroying one of them releases the stream's workspace that the others still
+    use (torch 2.11 does so when a graph is reset). Hence one lane per owner of graphs — the streaming engine's
+    decode steps, a :class:`StaticDecoder`'s, each :class:`GraphCache` — and **an owner drops its graphs all
+    together, before it captures again** (never one graph while others of its lane live). Eager warm-up steps
+    before a capture run on the lane's stream too. (Streams come from PyTorch's pool of 32 per priority: lanes stay
+    distinct while a process makes fewer streams than that.)"""
     key = (lane, torch.cuda.current_device())
     if key not in _capture_streams:
         _capture_streams[key] = torch.cuda.Stream()
@@ -284,7 +289,7 @@ def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: floa
 
 
 class GraphCache:
-    """CUDA graphs by key in one memory pool (the least recently used dropped past :attr:`KEEP`), each kept only once
+    """CUDA graphs by key in one memory pool (all dropped when :attr:`KEEP` are held and another is due), each kept only once
     its first replay agrees with the eager forward of the same inputs (:func:`replay_mismatch`). A failed capture
     or a disagreeing replay turns capturing off (``capture_error``, said once in a warning). ``module``: the
     parameters the graphs read (moved parameters make them stale). Used by the streaming engine's prefill graphs
@@ -294,9 +299,9 @@ class GraphCache:
     TOLERANCE = 2e-2
     WHAT = "CUDA graphs"
 
-    def __init__(self, module: torch.nn.Module, lane: str = "prefill"):
+    def __init__(self, module: torch.nn.Module):
         self.module = module
-        self.lane = lane  # capture stream (capture_stream): graphs of other lanes may replay beside these
+        self.lane = f"{type(self).__name__}-{id(self)}"  # its own capture stream (capture_stream)
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key → what a replay needs
         self.seen: dict[tuple, int] = {}  # key → sightings
         self.pool = None
@@ -310,7 +315,11 @@ class GraphCache:
         return bool(self.graphs) and self.weights != weight_addresses(self.module)
 
     def _record(self, fn: Any) -> tuple[Any, Any]:
-        """``fn()`` captured into the pool (not run): ``(graph, output)``, or ``(None, None)`` with capturing off."""
+        """``fn()`` captured into the pool (not run): ``(graph, output)``, or ``(None, None)`` with capturing off. With
+        :attr:`KEEP` graphs held, all are dropped first (one at a time would release the lane's workspace under the
+        others: :func:`capture_stream`); the keys that come back are captured again."""
+        if len(self.graphs) >= self.KEEP:
+            self.graphs.clear()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph, out, err = capture_call(fn, self.pool, self.WHAT, lane=self.lane)
@@ -322,13 +331,12 @@ class GraphCache:
         """Keep a new graph (``entry``) under ``key`` if its first replay agrees with the eager output (one host
         sync); else turn capturing off, with a warning, and keep nothing."""
         why = replay_mismatch(replayed, eager, self.TOLERANCE)
-        if why is not None:
+        if why is not None:  # graphs off: none of them replays any more
             self.capture_error, self.use_graphs = why, False
+            self.graphs.clear()
             warnings.warn(f"{self.WHAT}: {why}; running eagerly", stacklevel=3)
             return False
         self.graphs[key] = entry
-        while len(self.graphs) > self.KEEP:
-            self.graphs.popitem(last=False)
         self.captures += 1
         self.weights = weight_addresses(self.module)
         return True
@@ -367,6 +375,7 @@ class StaticDecoder:
         self.model = model
         self.use_graphs = use_graphs
         self.states: OrderedDict[tuple, _State] = OrderedDict()
+        self.lane = f"static-{id(self)}"  # the capture stream of its graphs (capture_stream)
         self.additive_mask = _attn_implementation(model) == "eager"
         self.backend: str | None = None  # the decode steps' sdpa backend (decode_attention); None: torch's choice
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
@@ -412,8 +421,10 @@ class StaticDecoder:
         if st is not None:
             self.states.move_to_end(key)
             return st
-        while len(self.states) >= self.MAX_STATES:
-            self.states.popitem(last=False)
+        if len(self.states) >= self.MAX_STATES:  # the least recently used goes, and with it every graph (they
+            self._drop_graphs()                    # share one lane: capture_stream)
+            while len(self.states) >= self.MAX_STATES:
+                self.states.popitem(last=False)
         mask_dtype = dtype if self.additive_mask else torch.bool
         lng = dict(dtype=torch.long, device=device)
         st = _State(
@@ -455,7 +466,7 @@ class StaticDecoder:
         dtype = next(self.model.parameters()).dtype if autocast_dtype is None else autocast_dtype
         st = self._state(B, cache_len, max_new, params, device, dtype, tuple(eos_ids), tuple(suppress_ids))
         if st.graph is not None and st.weights != weight_addresses(self.model):  # parameters moved: capture again
-            st.graph, st.eager_steps = None, 0
+            self._drop_graphs()  # every state's (captured with the old ones too), before any is captured again
         graphs = device.type == "cuda" and self.use_graphs is not False
         autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)
                     if autocast_dtype is not None else contextlib.nullcontext())
@@ -515,7 +526,7 @@ class StaticDecoder:
                 graphs = self._capture(st, params, autocast)
                 continue  # capturing does not run the step: replay it (or run it eagerly) on the next turn
             elif graphs:
-                side = capture_stream("decode")  # warm up where the step is captured
+                side = capture_stream(self.lane)  # warm up where the step is captured
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side), autocast:
                     self._decode_step(st, params)
@@ -533,8 +544,12 @@ class StaticDecoder:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
+    def _drop_graphs(self) -> None:
+        for s in self.states.values():
+            s.graph, s.eager_steps = None, 0
+
     def _capture(self, st: _State, params: Any, autocast: Any) -> bool:
-        st.graph, err = capture_step(lambda: self._decode_step(st, params), autocast)
+        st.graph, err = capture_step(lambda: self._decode_step(st, params), autocast, self.lane)
         if st.graph is None:
             self.capture_error, self.use_graphs = err, False
             return False

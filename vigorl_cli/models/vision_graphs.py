@@ -34,8 +34,8 @@ class TowerGraphs(GraphCache):
     KEEP = 32  # graphs kept (least recently used dropped)
     WHAT = "vision graphs"
 
-    def __init__(self, visual: torch.nn.Module, lane: str = "prefill"):
-        super().__init__(visual, lane)  # graphs: key → (graph, static pixels, static output, tables)
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__(visual)  # graphs: key → (graph, static pixels, static output, tables)
         self.visual = visual
         self.eager = 0  # groups run eagerly
 
