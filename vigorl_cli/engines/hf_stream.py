@@ -44,6 +44,7 @@ from vigorl_cli.engines.static_decode import (
     capture_step,
     capture_stream,
     decode_attention,
+    new_lane,
     prompt_positions,
     supports,
     weight_addresses,
@@ -420,7 +421,7 @@ class HFStreamingEngine(HFEngine):
         self._params_core: tuple = ()
         self._st: dict[str, Any] | None = None
         self._graphs: dict[int, Any] = {}  # read width → captured decode step (replaced all together: their lane)
-        self._lane = f"decode-{id(self)}"  # the capture stream of the decode steps (static_decode.capture_stream)
+        self._lane = new_lane("decode")  # the capture stream of the decode steps (static_decode.capture_stream)
         self._graph_weights: tuple = ()  # parameter addresses the graphs were captured with
         self._eager_steps = 0
         self.captures = 0

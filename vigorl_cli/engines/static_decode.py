@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -200,6 +201,13 @@ class _Expanded:
 
 
 _capture_streams: dict[tuple, Any] = {}
+_lane_numbers = itertools.count()
+
+
+def new_lane(owner: str) -> str:
+    """A capture lane (:func:`capture_stream`) for a new owner of graphs: never one a former owner had (an id could
+    come back while the former owner's graphs still wait to be collected)."""
+    return f"{owner}-{next(_lane_numbers)}"
 
 
 def capture_stream(lane: str) -> Any:
@@ -301,7 +309,7 @@ class GraphCache:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        self.lane = f"{type(self).__name__}-{id(self)}"  # its own capture stream (capture_stream)
+        self.lane = new_lane(type(self).__name__)  # its own capture stream (capture_stream)
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key → what a replay needs
         self.seen: dict[tuple, int] = {}  # key → sightings
         self.pool = None
@@ -375,7 +383,7 @@ class StaticDecoder:
         self.model = model
         self.use_graphs = use_graphs
         self.states: OrderedDict[tuple, _State] = OrderedDict()
-        self.lane = f"static-{id(self)}"  # the capture stream of its graphs (capture_stream)
+        self.lane = new_lane("static")  # the capture stream of its graphs (capture_stream)
         self.additive_mask = _attn_implementation(model) == "eager"
         self.backend: str | None = None  # the decode steps' sdpa backend (decode_attention); None: torch's choice
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
