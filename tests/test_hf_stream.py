@@ -991,7 +991,7 @@ def test_images_encoded_ahead_wait_for_the_callers_work_not_for_the_chunk(tiny_b
     stream just before that chunk (so it runs beside the chunk, and after any weight update queued before it);
     with nothing in flight it waits for the caller's whole stream; a prefill that feeds features encoded ahead
     waits for the stream ahead and marks their memory as used by its own stream; generate() and abort() wait for
-    it too. Samples still equal generate's."""
+    it too (and marks the cached features it reads). Samples still equal generate's."""
     import contextlib
 
     log: list[tuple] = []
@@ -1048,8 +1048,11 @@ def test_images_encoded_ahead_wait_for_the_callers_work_not_for_the_chunk(tiny_b
     while eng.in_flight():
         got.update(dict(eng.poll()))
     log.clear()
-    eng.generate([_req(tiny_bundle, "y", None, seed=5, max_new_tokens=2)])
-    assert ("caller", "wait_stream", "ahead") in log
+    eng.generate([_req(tiny_bundle, "y", IM1, key="a/full", seed=5, max_new_tokens=2)])  # cached features
+    assert log[0] == ("caller", "wait_stream", "ahead") and ("caller", "record_stream") in log
+    log.clear()
+    eng.abort()  # (what the caller does next, a weight update, comes after the tower's reads of the weights)
+    assert log == [("caller", "wait_stream", "ahead")]
     monkeypatch.undo()
     _equal_generate(tiny_bundle, got, {"a": a, "long": long, "a2": nxt}, logprobs=True)
 

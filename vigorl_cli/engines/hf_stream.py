@@ -544,7 +544,16 @@ class HFStreamingEngine(HFEngine):
                 cur.wait_stream(stream)
 
     # -- vision ahead ---------------------------------------------------------------------------------------------
-    AHEAD_MAX = 64  # images encoded ahead per poll at most
+
+    def _cached_features(self, keys: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """As the HF engine's; features encoded ahead were allocated on that stream: their memory is kept until the
+        stream that reads them now (a prefill's, generate's) has done so, even if the cache drops them meanwhile."""
+        out = super()._cached_features(keys)
+        if self._ahead_stream_ is not None and out:
+            cur = torch.cuda.current_stream(self.model.device)
+            for f, _ in out.values():
+                f.record_stream(cur)
+        return out
 
     def _ahead_stream(self) -> Any:
         """The side stream images are encoded ahead on (a GPU), else None."""
@@ -586,7 +595,9 @@ class HFStreamingEngine(HFEngine):
                     pix.append(prep.pixels[j])
                     rows.append(prep.grid[j])
         known = self._cached_features(keys)  # (drops features of older weights too)
-        todo = [i for i in range(len(keys)) if i not in known][:min(self.AHEAD_MAX, self.FEATURE_CACHE // 2)]
+        # the front of the queue (the next prefill takes at most a slot's worth of requests: the prefill waits for
+        # everything encoded ahead, so no more than that)
+        todo = [i for i in range(len(keys)) if i not in known][:min(self.slots, self.FEATURE_CACHE // 2)]
         if not todo:
             return
         keys, pix = [keys[i] for i in todo], [pix[i] for i in todo]
@@ -960,9 +971,6 @@ class HFStreamingEngine(HFEngine):
         first, occ = distinct_images(keys) if share else (list(range(len(keys))), list(range(len(keys))))
         ukeys = [keys[i] for i in first]
         known = self._cached_features(ukeys) if share else {}
-        if self._ahead_stream_ is not None:  # allocated there: kept until this stream has read them
-            for f, _ in known.values():
-                f.record_stream(torch.cuda.current_stream(device))
         need = [new_images[first[u]] for u in range(len(first)) if u not in known]  # to encode, in order
         missing = [(b, j) for b, j in need if todo[b].prep.pixels[j] is None]  # not processed yet (_prepare)
         for (b, j), (pv, _) in zip(missing, self._process([todo[b].req.images[j] for b, j in missing])):
