@@ -1097,3 +1097,19 @@ def test_decode_graphs_outlive_a_drain_with_the_same_sampling_settings(tiny_bund
         eng.submit(_req(tiny_bundle, "x", IM1, seed=1, max_new_tokens=4, temperature=temp), "r")
         _drain(eng)
         assert (eng._graphs == sentinel) == kept, temp
+
+
+def test_images_ahead_per_poll_are_a_slots_worth(tiny_bundle):
+    """engine.vision_ahead encodes at most a slot's worth of images per poll, from the front of the queue (a
+    prefill takes at most that many requests and waits for all of them); the rest follow in later polls."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=1, cache_len=512, max_new_cap=8)
+    eng.vision_ahead = True
+    reqs = {k: _req(tiny_bundle, "What colour is it?", im, key=k, seed=i, max_new_tokens=3)
+            for i, (k, im) in enumerate((("x", IM1), ("y", IM2), ("z", IM1)))}
+    for tag, r in reqs.items():
+        eng.submit(r, tag)
+    got = dict(eng.poll())
+    assert eng.ahead_images == 1 and list(eng._features) == ["x"]
+    got.update(_drain(eng)[0])
+    assert eng.ahead_images == 3
+    _equal_generate(tiny_bundle, got, reqs, logprobs=True)

@@ -582,26 +582,28 @@ class HFStreamingEngine(HFEngine):
         if (not self._queue or self.synced_gpus or not self.dedupe_images
                 or self.bundle.kind not in SHARED_IMAGE_KINDS):
             return
+        self._cached_features([])  # drops the features of older weights
+        # from the front of the queue, at most a slot's worth of images (a prefill takes at most that many requests,
+        # and it waits for everything encoded ahead)
+        limit = min(self.slots, self.FEATURE_CACHE // 2)
         keys: list[str] = []
         pix: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
         for entry in self._queue:
+            if len(keys) >= limit:
+                break
             prep = self._prepare(entry)
             if isinstance(prep, Exception) or prep.grid is None:
                 continue
             for j, k in enumerate(prep.keys):
-                if isinstance(k, str) and prep.pixels[j] is not None and k not in keys:
+                if (isinstance(k, str) and prep.pixels[j] is not None and k not in self._features and k not in keys
+                        and len(keys) < limit):
                     keys.append(k)
                     pix.append(prep.pixels[j])
                     rows.append(prep.grid[j])
-        known = self._cached_features(keys)  # (drops features of older weights too)
-        # the front of the queue (the next prefill takes at most a slot's worth of requests: the prefill waits for
-        # everything encoded ahead, so no more than that)
-        todo = [i for i in range(len(keys)) if i not in known][:min(self.slots, self.FEATURE_CACHE // 2)]
-        if not todo:
+        if not keys:
             return
-        keys, pix = [keys[i] for i in todo], [pix[i] for i in todo]
-        grid = torch.stack([rows[i] for i in todo])
+        grid = torch.stack(rows)
         device = self.model.device
         stream = self._ahead_stream()
         if stream is not None:
