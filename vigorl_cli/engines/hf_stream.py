@@ -404,7 +404,7 @@ class HFStreamingEngine(HFEngine):
         self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
         self._ahead_stream_: Any = None
         self._ahead_towers: TowerGraphs | None = None  # its own graphs: a prefill's tower may run beside it
-        self._chunk_event: Any = None  # the caller's stream just before the pipelined chunk (what _encode_ahead waits for)
+        self._chunk_event: Any = None  # on the caller's stream just before the pipelined chunk (_encode_ahead)
         self.decode_priority = -1  # CUDA stream priority of the decode chunks (lower = higher) while overlapping
         self._streams: tuple = ()  # (priority, decode stream, prefill stream)
         self._caller = None  # the stream poll was called on (its work, e.g. a weight update, comes first)

@@ -297,11 +297,11 @@ def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor, tolerance: floa
 
 
 class GraphCache:
-    """CUDA graphs by key in one memory pool (all dropped when :attr:`KEEP` are held and another is due), each kept only once
-    its first replay agrees with the eager forward of the same inputs (:func:`replay_mismatch`). A failed capture
-    or a disagreeing replay turns capturing off (``capture_error``, said once in a warning). ``module``: the
-    parameters the graphs read (moved parameters make them stale). Used by the streaming engine's prefill graphs
-    and the vision tower's graphs."""
+    """CUDA graphs by key in one memory pool (all dropped when :attr:`KEEP` are held and another is due), each kept
+    only once its first replay agrees with the eager forward of the same inputs (:func:`replay_mismatch`). A failed
+    capture or a disagreeing replay turns capturing off (``capture_error``, said once in a warning). ``module``: the
+    parameters the graphs read (moved parameters make them stale). Captured on a lane of its own
+    (:func:`capture_stream`). Used by the streaming engine's prefill graphs and the vision tower's graphs."""
 
     KEEP = 32
     TOLERANCE = 2e-2
