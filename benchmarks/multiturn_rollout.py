@@ -576,6 +576,7 @@ def main() -> None:
             stream_times(engine)  # reset
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        print(f"run {label}: started", file=sys.stderr, flush=True)  # (which run a --run-timeout stack belongs to)
         t = time.perf_counter()
         with watchdog(args.run_timeout):
             run_episodes(eng, eps)
