@@ -607,7 +607,9 @@ def main() -> None:
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,
-                                         "buckets": len(pg.seen), "capture_error": pg.capture_error}
+                                         "buckets": len(pg.seen), "capture_error": pg.capture_error,
+                                         # rows × width the prefills fed, and what their buckets ran
+                                         "tokens_fed": pg.tokens[0], "tokens_bucketed": pg.tokens[1]}
             for attr, name in (("_tower_graphs", "vision_graphs"), ("_ahead_towers", "vision_graphs_ahead")):
                 tg = getattr(engine, attr, None)
                 if tg is not None:  # vision tower groups so far (all runs): graphs captured, replayed, eager groups

@@ -758,8 +758,8 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
 
 
 def test_prefill_buckets_by_hand():
-    """Rows to a power of two (at most the slots), fed width to 64 / 96 / 128 / 192 / ..., cache read to a multiple
-    of READ_BUCKET (at most the cache and its dump column)."""
+    """Rows to a power of two (at most the slots; with ``row_step`` k, past k to a multiple of k), fed width to 64 /
+    96 / 128 / 192 / ..., cache read to a multiple of READ_BUCKET (at most the cache and its dump column)."""
     from vigorl_cli.engines.hf_stream import _PrefillGraphs, bucket_width
 
     assert [bucket_width(w) for w in (1, 64, 65, 96, 97, 128, 129, 200, 385, 700, 1025)] == \
@@ -769,6 +769,9 @@ def test_prefill_buckets_by_hand():
     assert g.bucket(3, 100, 513) == (4, 128, 1024)
     assert g.bucket(17, 300, 4000) == (24, 384, 4096)  # 32 rows > 24 slots
     assert _PrefillGraphs(torch.nn.Linear(1, 1), 8, 1000, 0).bucket(8, 64, 5) == (8, 64, 1001)
+    fine = _PrefillGraphs(torch.nn.Linear(1, 1), slots=32, cache_len=4096, read_bucket=512, row_step=4)
+    assert [fine.bucket(n, 64, 1)[0] for n in (1, 3, 4, 5, 9, 12, 13, 31, 32)] == [1, 4, 4, 8, 12, 12, 16, 32, 32]
+    assert [g.bucket(n, 64, 1)[0] for n in (5, 9, 13)] == [8, 16, 16]  # powers of two
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -1100,12 +1103,12 @@ def test_decode_graphs_outlive_a_drain_with_the_same_sampling_settings(tiny_bund
 
 
 def test_images_ahead_per_poll_are_a_slots_worth(tiny_bundle):
-    """engine.vision_ahead encodes at most a slot's worth of images per poll, from the front of the queue (a
-    prefill takes at most that many requests and waits for all of them); the rest follow in later polls."""
-    eng = HFStreamingEngine(tiny_bundle, batch_size=1, cache_len=512, max_new_cap=8)
+    """engine.vision_ahead encodes the images of the front of the queue only, a slot's worth of samples (a prefill
+    takes at most that many and waits for everything encoded ahead); the rest follow in later polls."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=8)
     eng.vision_ahead = True
-    reqs = {k: _req(tiny_bundle, "What colour is it?", im, key=k, seed=i, max_new_tokens=3)
-            for i, (k, im) in enumerate((("x", IM1), ("y", IM2), ("z", IM1)))}
+    reqs = {k: _req(tiny_bundle, "What colour is it?", im, key=k, seed=i, max_new_tokens=3, n=2 if k == "x" else 1)
+            for i, (k, im) in enumerate((("x", IM1), ("y", IM2), ("z", IM1)))}  # x's two samples fill both slots
     for tag, r in reqs.items():
         eng.submit(r, tag)
     got = dict(eng.poll())

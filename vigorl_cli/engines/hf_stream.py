@@ -235,14 +235,17 @@ class _PrefillGraphs(GraphCache):
     KEEP = 64  # graphs kept (the least recently used are dropped)
     WHAT = "prefill graphs"
 
-    def __init__(self, lm: torch.nn.Module, slots: int, cache_len: int, read_bucket: int):
+    def __init__(self, lm: torch.nn.Module, slots: int, cache_len: int, read_bucket: int, row_step: int = 0):
         super().__init__(lm)  # graphs: bucket → (graph, static inputs, static output)
         self.lm, self.slots, self.cache_len, self.read_bucket = lm, slots, cache_len, read_bucket
+        self.row_step = row_step  # rows past it go to its multiples (0: powers of two throughout)
         self.cache: SlotCache | None = None
         self.padded = 0  # prefills run eagerly at a bucket's shape
+        self.tokens = [0, 0]  # [rows × width fed, bucket rows × bucket width run]: what the padding costs
 
     def bucket(self, n: int, width: int, read: int) -> tuple[int, int, int]:
-        rows = min(self.slots, 1 << (n - 1).bit_length())
+        step = self.row_step
+        rows = min(self.slots, -(-n // step) * step if step and n > step else 1 << (n - 1).bit_length())
         full = self.cache_len + 1
         span = min(full, -(-read // self.read_bucket) * self.read_bucket) if self.read_bucket else full
         return rows, bucket_width(width), span
@@ -260,6 +263,8 @@ class _PrefillGraphs(GraphCache):
         n, W, H = embeds.shape
         read = mask.shape[-1]
         key = (*self.bucket(n, W, read), embeds.dtype)
+        self.tokens[0] += n * W
+        self.tokens[1] += key[0] * key[1]
         if self.cache is not cache or self.stale():
             self.graphs.clear()  # another cache, or parameters moved: the graphs read stale addresses
             self.cache = cache
@@ -350,6 +355,10 @@ class HFStreamingEngine(HFEngine):
     # Until a GPU run shows that the lanes fixed it, overlapped prefills run their buckets eagerly; True lets them
     # replay graphs (benchmarks: --nb-variants 'overlap=true,prefill_graphs=true,OVERLAP_PREFILL_GRAPHS=true')
     OVERLAP_PREFILL_GRAPHS = False
+    # prefill_graphs' row buckets: powers of two up to this, then its multiples (0: powers of two throughout). At 512
+    # episodes on an H200, powers of two ran 9-row prefills as 16 rows and the prefill graphs were slower than eager
+    # prefills (docs/performance.md, ninth session); finer buckets pad less but repeat less often
+    PREFILL_ROW_STEP = 0
 
     def __init__(self, bundle, batch_size: int = 16, seed: int = 0, cache_len: int = 4096,
                  max_new_cap: int = 4096, autocast_dtype: torch.dtype | None = None, use_graphs: bool | None = None):
@@ -583,15 +592,18 @@ class HFStreamingEngine(HFEngine):
                 or self.bundle.kind not in SHARED_IMAGE_KINDS):
             return
         self._cached_features([])  # drops the features of older weights
-        # from the front of the queue, at most a slot's worth of images (a prefill takes at most that many requests,
-        # and it waits for everything encoded ahead)
+        # the requests of the next slot's worth of samples at the front of the queue: what the next prefills take
+        # (a prefill waits for everything encoded ahead; and features encoded for requests far back in the queue —
+        # a rollout's later groups — would leave the cache before their turn, to be encoded again)
         limit = min(self.slots, self.FEATURE_CACHE // 2)
         keys: list[str] = []
         pix: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
+        samples = 0
         for entry in self._queue:
-            if len(keys) >= limit:
+            if len(keys) >= limit or samples >= self.slots:
                 break
+            samples += len(entry[2]) - entry[3]
             prep = self._prepare(entry)
             if isinstance(prep, Exception) or prep.grid is None:
                 continue
@@ -920,6 +932,7 @@ class HFStreamingEngine(HFEngine):
         if self._lm_graphs is None or self._lm_graphs.lm is not lm:
             self._lm_graphs = _PrefillGraphs(lm, self.slots, self.cache_len, self.READ_BUCKET)
         graphs = self._lm_graphs
+        graphs.row_step = self.PREFILL_ROW_STEP
         cuda = self.model.device.type == "cuda" and self.use_graphs is not False
         held = self.overlap and not self.OVERLAP_PREFILL_GRAPHS
         if cuda and held and not self._overlap_warned:
