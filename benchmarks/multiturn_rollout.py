@@ -568,6 +568,7 @@ def main() -> None:
         prefills0 = getattr(engine, "prefills", 0)
         steps0 = getattr(engine, "decode_steps", 0)
         ahead0 = getattr(engine, "ahead_images", 0)
+        inprefill0 = getattr(engine, "prefill_images", 0)
         fed0 = list(getattr(engine, "prefill_tokens", (0, 0)))
         phases0 = {k: list(v) for k, v in getattr(engine, "bench_phases", {}).items()}
         for cache in ("_features", "_grids"):  # each run starts cold, as a rollout of new prompts does
@@ -616,6 +617,7 @@ def main() -> None:
                     out[name] = {"captures": tg.captures, "replays": tg.replays, "eager": tg.eager,
                                  "capture_error": tg.capture_error}
             out["ahead_images"] = engine.ahead_images - ahead0  # images encoded before their prefill (vision_ahead)
+            out["prefill_images"] = engine.prefill_images - inprefill0  # images the prefills encoded themselves
         if args.engine == "hf":  # CUDA graphs captured so far, and why not if a capture failed
             dec = engine if hasattr(engine, "reused_tokens") else engine._decoder
             out["graphs_captured"] = getattr(dec, "captures", None)

@@ -971,7 +971,7 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
     eng.submit(nxt, "a2")
     got.update(_drain(eng)[0])
     assert all(where for where, _ in calls) and sum(n for _, n in calls) == 3  # a/full, b/full, a/crop-1
-    assert eng.ahead_images == 3 and eng.prefills >= 2
+    assert eng.ahead_images == 3 and eng.prefill_images == 0 and eng.prefills >= 2
     _equal_generate(tiny_bundle, got, {"a": a, "twin": twin, "b": b, "a2": nxt}, logprobs=True)
     assert (eng._ahead_towers is not None and eng._ahead_towers.eager > 0) == towers
     if towers:  # captured on streams of their own: they replay beside the decode (static_decode.capture_stream)
@@ -984,7 +984,7 @@ def test_images_are_encoded_ahead_of_their_prefill(tiny_bundle, monkeypatch, pip
     again = _req(tiny_bundle, "Again?", IM1, seed=4, max_new_tokens=5, key="a/full")
     eng.submit(again, "again")
     got = _drain(eng)[0]
-    assert calls == [(False, 1)] and eng.ahead_images == 3  # encoded by its prefill
+    assert calls == [(False, 1)] and eng.ahead_images == 3 and eng.prefill_images == 1  # encoded by its prefill
     _equal_generate(tiny_bundle, got, {"again": again}, logprobs=True)
 
 
@@ -1103,16 +1103,17 @@ def test_decode_graphs_outlive_a_drain_with_the_same_sampling_settings(tiny_bund
 
 
 def test_images_ahead_per_poll_are_a_slots_worth(tiny_bundle):
-    """engine.vision_ahead encodes the images of the front of the queue only, a slot's worth of samples (a prefill
-    takes at most that many and waits for everything encoded ahead); the rest follow in later polls."""
+    """engine.vision_ahead encodes the images of what the next prefills take: the latest requests (episodes' next
+    turns) and a slot's worth of samples at the front of the queue, not those further back (a prefill waits for
+    everything encoded ahead); those follow in later polls."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=512, max_new_cap=8)
     eng.vision_ahead = True
     reqs = {k: _req(tiny_bundle, "What colour is it?", im, key=k, seed=i, max_new_tokens=3, n=2 if k == "x" else 1)
-            for i, (k, im) in enumerate((("x", IM1), ("y", IM2), ("z", IM1)))}  # x's two samples fill both slots
-    for tag, r in reqs.items():
+            for i, (k, im) in enumerate((("x", IM1), ("y", IM2), ("z", IM1), ("w", IM2), ("v", IM1)))}
+    for tag, r in reqs.items():  # x's two samples fill both slots: x at the front, v and w the latest (two slots)
         eng.submit(r, tag)
     got = dict(eng.poll())
-    assert eng.ahead_images == 1 and list(eng._features) == ["x"]
+    assert eng.ahead_images == 3 and set(eng._features) == {"x", "v", "w"} and eng.prefill_images == 0
     got.update(_drain(eng)[0])
-    assert eng.ahead_images == 3
+    assert eng.ahead_images == 5 and eng.prefill_images == 0
     _equal_generate(tiny_bundle, got, reqs, logprobs=True)

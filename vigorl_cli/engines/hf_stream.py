@@ -29,6 +29,7 @@ drain); no repetition penalty (such requests go through ``generate``); a sequenc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
@@ -411,6 +412,7 @@ class HFStreamingEngine(HFEngine):
         # Off by default until measured
         self.vision_ahead = False
         self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
+        self.prefill_images = 0  # images the prefills encoded themselves so far
         self._ahead_stream_: Any = None
         self._ahead_towers: TowerGraphs | None = None  # its own graphs: a prefill's tower may run beside it
         self._chunk_event: Any = None  # on the caller's stream just before the pipelined chunk (_encode_ahead)
@@ -592,18 +594,25 @@ class HFStreamingEngine(HFEngine):
                 or self.bundle.kind not in SHARED_IMAGE_KINDS):
             return
         self._cached_features([])  # drops the features of older weights
-        # the requests of the next slot's worth of samples at the front of the queue: what the next prefills take
-        # (a prefill waits for everything encoded ahead; and features encoded for requests far back in the queue —
-        # a rollout's later groups — would leave the cache before their turn, to be encoded again)
-        limit = min(self.slots, self.FEATURE_CACHE // 2)
+        # what the next prefills take: the latest requests (episodes' next turns, submitted since the last poll,
+        # which continue their parked slots first) and a slot's worth of samples at the front of the queue; not
+        # further back (a prefill waits for everything encoded ahead, and features encoded for a rollout's later
+        # groups would leave the cache before their turn, to be encoded again)
+        limit = min(2 * self.slots, self.FEATURE_CACHE // 2)  # images
+        latest = list(itertools.islice(reversed(self._queue), self.slots))
+        front, samples = [], 0
+        for entry in self._queue:
+            if samples >= self.slots:
+                break
+            front.append(entry)
+            samples += len(entry[2]) - entry[3]
+        taken = {id(e) for e in latest}
         keys: list[str] = []
         pix: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        samples = 0
-        for entry in self._queue:
-            if len(keys) >= limit or samples >= self.slots:
+        for entry in latest + [e for e in front if id(e) not in taken]:
+            if len(keys) >= limit:
                 break
-            samples += len(entry[2]) - entry[3]
             prep = self._prepare(entry)
             if isinstance(prep, Exception) or prep.grid is None:
                 continue
@@ -987,6 +996,7 @@ class HFStreamingEngine(HFEngine):
         ukeys = [keys[i] for i in first]
         known = self._cached_features(ukeys) if share else {}
         need = [new_images[first[u]] for u in range(len(first)) if u not in known]  # to encode, in order
+        self.prefill_images += len(need)
         missing = [(b, j) for b, j in need if todo[b].prep.pixels[j] is None]  # not processed yet (_prepare)
         for (b, j), (pv, _) in zip(missing, self._process([todo[b].req.images[j] for b, j in missing])):
             todo[b].prep.pixels[j] = pv
