@@ -730,7 +730,7 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager /
-    vision_graphs / vision_ahead set the streaming engine's scheduling; left at None they keep its defaults; values
+    vision_graphs / vision_ahead / prepare_threads set the streaming engine's scheduling; left at None they keep its defaults; values
     below 1 are recipe errors naming the key.
     engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
@@ -744,8 +744,9 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
                            "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true",
-                           "engine.vision_graphs=true", "engine.vision_ahead=true"])
+                           "engine.vision_graphs=true", "engine.vision_ahead=true", "engine.prepare_threads=3"])
     eng = hf_engine(tiny_bundle, r.engine)
+    assert eng.prepare_threads == 3 and plain.prepare_threads == 0
     assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
             eng.share_prompts, eng.prefill_eager, eng.vision_graphs, eng.vision_ahead) == (True, 3, 8, 24, True, True,
                                                                                              True, True, True)
@@ -755,6 +756,8 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     assert HFStreamingEngine.PREFILL_WAIT == 4 and HFStreamingEngine.PREFILL_COVER == 16  # the class is untouched
     with pytest.raises(RecipeError, match="engine.prefill_wait"):
         load_recipe(None, ["engine.prefill_wait=0"])
+    with pytest.raises(RecipeError, match="engine.prepare_threads"):
+        load_recipe(None, ["engine.prepare_threads=-1"])
 
 
 def test_prefill_buckets_by_hand():
@@ -1116,4 +1119,36 @@ def test_images_ahead_per_poll_are_a_slots_worth(tiny_bundle):
     assert eng.ahead_images == 3 and set(eng._features) == {"x", "v", "w"} and eng.prefill_images == 0
     got.update(_drain(eng)[0])
     assert eng.ahead_images == 5 and eng.prefill_images == 0
+    _equal_generate(tiny_bundle, got, reqs, logprobs=True)
+
+
+def test_images_are_processed_in_the_background_from_submit(tiny_bundle, monkeypatch):
+    """engine.prepare_threads: a submitted request's new images (string keys not seen yet) are processed in a
+    background thread from submit on, each key once however many requests name it (a GRPO group); the main thread
+    processes none of them; samples equal generate's. An image the processor fails on fails its request alone."""
+    import threading
+
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=16)
+    eng.prepare_threads = 2
+    where: list[str] = []
+    real = eng.encode_images
+
+    def encode(images):
+        where.append(threading.current_thread().name)
+        if any(isinstance(im, str) for im in images):
+            raise ValueError("cannot read that image")
+        return real(images)
+
+    monkeypatch.setattr(eng, "encode_images", encode)
+    reqs = {f"g{i}": _req(tiny_bundle, "What colour is it?", IM1, key="g/full", seed=i, max_new_tokens=5)
+            for i in range(3)}
+    reqs["o"] = _req(tiny_bundle, "x", IM2, key="o/full", seed=7, max_new_tokens=7)
+    bad = _req(tiny_bundle, "x", IM2, key="bad/full", seed=8, max_new_tokens=7)
+    bad.images = ["not an image"]
+    for tag, r in [*reqs.items(), ("bad", bad)]:
+        eng.submit(r, tag)
+    got, _ = _drain(eng)
+    eng.close()
+    assert len(where) == 3 and all(w.startswith("vigorl-prepare") for w in where)  # g/full, o/full, bad/full
+    assert got["bad"][0].finish_reason == "error" and "cannot read that image" in got["bad"][0].error
     _equal_generate(tiny_bundle, got, reqs, logprobs=True)

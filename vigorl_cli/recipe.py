@@ -177,6 +177,9 @@ class EngineConfig:
     vision_graphs: bool | None = F(None, "hf continuous batching: a prefill's vision tower per group of same-grid "
                                          "images (zoom crops), one CUDA graph per (grid, count) on a GPU (None: the "
                                          "engine's default, off)")
+    prepare_threads: int | None = F(None, "hf continuous batching: threads that process a submitted request's new "
+                                          "images (resize, normalise) in the background, off the host's critical "
+                                          "path (None: the engine's default, 0: on the main thread)")
     vision_ahead: bool | None = F(None, "hf continuous batching: the new images of waiting requests are encoded "
                                         "before their prefill, on a side CUDA stream beside the decode, into the "
                                         "feature cache their prefill reads (None: the engine's default, off)")
@@ -605,6 +608,8 @@ def check_semantics(r: Recipe) -> list[str]:
         v = getattr(r.engine, key)
         if v is not None and v < 1:
             out.append(f"'engine.{key}' must be >= 1")
+    if r.engine.prepare_threads is not None and r.engine.prepare_threads < 0:
+        out.append("'engine.prepare_threads' must be >= 0")
     if r.engine.backend == "openai" and not r.engine.base_urls:
         out.append("'engine.backend' is openai but 'engine.base_urls' is empty")
     return out

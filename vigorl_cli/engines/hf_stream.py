@@ -411,6 +411,12 @@ class HFStreamingEngine(HFEngine):
         # vision_graphs: docs/performance.md, issue 7); the turn-synchronous loop has no decode to hide it behind.
         # Off by default until measured
         self.vision_ahead = False
+        # process a submitted request's new images (resize, normalise: ~3 ms each on an H200's host, on the host's
+        # critical path in _prepare) in this many background threads from submit on, while the main thread launches
+        # decode chunks and waits for them (0: in _prepare, on the main thread). Off by default until measured
+        self.prepare_threads = 0
+        self._executor: Any = None
+        self._early: dict[str, Any] = {}  # image key → future of (pixels, grid row), until a _prepare takes it
         self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
         self.prefill_images = 0  # images the prefills encoded themselves so far
         self._ahead_stream_: Any = None
@@ -451,6 +457,8 @@ class HFStreamingEngine(HFEngine):
             self._ready.append((tag, self.generate([replace(request, params=p.with_(seed=base))])[0]))
             return
         self._queue.append([group, request, seeds, 0, None, self._polls])
+        if self.prepare_threads > 0:
+            self._process_early(request)
 
     def in_flight(self) -> int:
         return self._n_in_flight
@@ -458,6 +466,7 @@ class HFStreamingEngine(HFEngine):
     def abort(self) -> None:
         self._after_streams()  # what the caller does next (a weight update) waits for a chunk or prefill in flight
         self._queue.clear()
+        self._early.clear()  # (images being processed for dropped requests: their results are not needed)
         self._rows = [None] * self.slots
         self._parked.clear()
         self._ready.clear()
@@ -745,7 +754,12 @@ class HFStreamingEngine(HFEngine):
                 keys = self._image_keys(req)
                 pixels: list[torch.Tensor | None] = [None] * len(keys)
                 todo = [j for j, k in enumerate(keys) if not (isinstance(k, str) and k in self._grids)]
-                fresh = dict(zip(todo, self._process([req.images[j] for j in todo])))
+                early = {j: self._early[keys[j]] for j in todo if isinstance(keys[j], str) and keys[j] in self._early}
+                for k in {keys[j] for j in early}:
+                    del self._early[k]  # (once this request is prepared, the key's grid is known)
+                now = [j for j in todo if j not in early]
+                fresh = dict(zip(now, self._process([req.images[j] for j in now])))
+                fresh.update({j: f.result() for j, f in early.items()})  # (a failure fails this request alone)
                 rows = []
                 for j, k in enumerate(keys):
                     if j in fresh:
@@ -763,6 +777,24 @@ class HFStreamingEngine(HFEngine):
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 entry[4] = e
         return entry[4]
+
+    def _process_early(self, req: GenerationRequest) -> None:
+        """With :attr:`prepare_threads`: start processing the request's images that no earlier request named (string
+        keys not seen yet, not already started), each key once, in the background (:meth:`_prepare` takes them)."""
+        for k, img in zip(self._image_keys(req), req.images):
+            if isinstance(k, str) and k not in self._grids and k not in self._early:
+                if self._executor is None:
+                    import concurrent.futures
+
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        self.prepare_threads, thread_name_prefix="vigorl-prepare")
+                self._early[k] = self._executor.submit(lambda im=img: self._process([im])[0])
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        super().close()
 
     def _process(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(pixels, grid row)`` per image, processed in one call."""
