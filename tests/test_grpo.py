@@ -642,24 +642,41 @@ def test_rollout_copy_is_a_bf16_snapshot_refreshed_in_place(tiny_bundle):
 
 def test_continuous_batching_engine_gives_the_same_grpo_steps(tmp_path, demo_root, monkeypatch):
     """engine.continuous_batching (HFStreamingEngine, the no-barrier episode loop) samples what the batched HF
-    engine samples: two GRPO steps give the same rollouts and the same metrics."""
+    engine samples: two GRPO steps give the same rollouts and the same metrics — also with the images encoded
+    ahead of their prefill and processed in background threads (engine.vision_ahead, engine.prepare_threads; the
+    update between the steps makes the first step's features stale)."""
     from vigorl_cli.engines.hf_stream import HFStreamingEngine
     from vigorl_cli.train.grpo import train
 
-    submitted = []
+    submitted, engines = [], []
     orig = HFStreamingEngine.submit
-    monkeypatch.setattr(HFStreamingEngine, "submit", lambda self, r, tag: submitted.append(tag) or orig(self, r, tag))
+
+    def submit(self, r, tag):
+        submitted.append(tag)
+        if self not in engines:
+            engines.append(self)
+        return orig(self, r, tag)
+
+    monkeypatch.setattr(HFStreamingEngine, "submit", submit)
 
     got = {}
-    for cb in ("false", "true"):
-        r = _recipe(demo_root, "grpo.steps=2", "grpo.lr=1e-2", "grpo.save_every=100", "engine.batch_size=6",
-                    f"engine.continuous_batching={cb}")
-        out = tmp_path / cb
+    ahead = ["engine.vision_ahead=true", "engine.prepare_threads=2"]
+    for name, sets in (("batched", ["engine.continuous_batching=false"]),
+                       ("streaming", ["engine.continuous_batching=true"]),
+                       ("ahead", ["engine.continuous_batching=true", *ahead])):
+        r = _recipe(demo_root, "grpo.steps=2", "grpo.lr=1e-2", "grpo.save_every=100", "engine.batch_size=6", *sets)
+        out = tmp_path / name
         train(r, out=out, reward_fn=vowel_reward, log=lambda *_: None)
-        got[cb] = (_metrics(out), [[(rec["key"], rec["transcript"], rec["segments"]) for rec in _rollouts(out, s)]
-                                   for s in (1, 2)])
-    (ma, ra), (mb, rb) = got["false"], got["true"]
-    assert ra == rb and len(ra[0]) == 16 and len(submitted) == 2 * 16  # each episode's turn is its own request
-    for a, b in zip(ma, mb):
-        for key in ("reward", "loss", "kl", "grad_norm", "logprob_diff_engine_vs_trainer"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        got[name] = (_metrics(out), [[(rec["key"], rec["transcript"], rec["segments"])
+                                      for rec in _rollouts(out, s)] for s in (1, 2)])
+    ma, ra = got["batched"]
+    assert len(ra[0]) == 16 and len(submitted) == 2 * 2 * 16  # each episode's turn is its own request
+    streaming, ahead_engine = engines
+    assert (streaming.ahead_images, streaming.prefill_images) == (0, 8)  # 4 prompts' images per step
+    assert (ahead_engine.ahead_images, ahead_engine.prefill_images) == (8, 0)
+    for name in ("streaming", "ahead"):
+        mb, rb = got[name]
+        assert ra == rb, name
+        for a, b in zip(ma, mb):
+            for key in ("reward", "loss", "kl", "grad_norm", "logprob_diff_engine_vs_trainer"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
