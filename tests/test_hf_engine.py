@@ -453,14 +453,14 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("emptied the device cache"))
     monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: pytest.fail("emptied the pinned cache"), raising=False)
     monkeypatch.setattr(sd, "_capture_streams", {})
-    graph, out, err = sd.capture_call(lambda: calls.append("fn") or 7, pool="P", what="test graphs")
+    graph, out, err = sd.capture_call(lambda: calls.append("fn") or 7, "P", "test graphs", lane="a")
     assert isinstance(graph, Graph) and out == 7 and err is None
     assert calls == ["sync", ("stream", "side"), ("begin", ("P",)), "fn", "end"]
     # graphs that may replay beside each other are captured on different streams (their own cuBLAS workspaces);
     # a lane keeps its stream
     calls.clear()
-    sd.capture_call(lambda: None, what="test graphs", lane="ahead")
-    sd.capture_call(lambda: None, what="test graphs")
+    sd.capture_call(lambda: None, None, "test graphs", lane="b")
+    sd.capture_call(lambda: None, None, "test graphs", lane="a")
     assert [c for c in calls if c[0] == "stream"] == [("stream", "side2"), ("stream", "side")]
 
     calls.clear()
@@ -469,7 +469,7 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     with pytest.warns(UserWarning, match="test graphs: capture failed"):
-        graph, out, err = sd.capture_call(boom, what="test graphs")
+        graph, out, err = sd.capture_call(boom, None, "test graphs", lane="a")
     assert (graph, out) == (None, None) and err == "RuntimeError: operation not permitted when stream is capturing"
     assert calls[:4] == ["sync", ("stream", "side"), ("begin", ()), "end"]
 
@@ -486,7 +486,7 @@ def test_capture_call_captures_without_emptying_the_caches(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", OldGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph_cm)
-    graph, out, err = sd.capture_call(lambda: 5, pool="P")
+    graph, out, err = sd.capture_call(lambda: 5, "P", "test graphs", lane="a")
     assert isinstance(graph, OldGraph) and out == 5 and err is None and used == [("P", "side")]
 
 

@@ -269,16 +269,20 @@ class HFEngine:
         """``{distinct image index: (features, grid row)}`` for the string keys cached under the current weights."""
         if self.synced_gpus:  # every rank must run the (collective) vision tower
             return {}
-        state = self._vision_state()
-        if state != self._feature_state:
-            self._features.clear()
-            self._feature_state = state
+        self._drop_stale_features()
         out = {}
         for u, k in enumerate(keys):
             if isinstance(k, str) and k in self._features:
                 self._features.move_to_end(k)
                 out[u] = self._features[k]
         return out
+
+    def _drop_stale_features(self) -> None:
+        """Empty the feature cache if the vision tower's weights changed since its features were computed."""
+        state = self._vision_state()
+        if state != self._feature_state:
+            self._features.clear()
+            self._feature_state = state
 
     def _remember_features(self, key: Any, feats: torch.Tensor, grid_row: torch.Tensor) -> None:
         if self.synced_gpus or not isinstance(key, str):  # identity keys are not stable across calls

@@ -602,7 +602,7 @@ class HFStreamingEngine(HFEngine):
         if (not self._queue or self.synced_gpus or not self.dedupe_images
                 or self.bundle.kind not in SHARED_IMAGE_KINDS):
             return
-        self._cached_features([])  # drops the features of older weights
+        self._drop_stale_features()
         # what the next prefills take: the latest requests (episodes' next turns, submitted since the last poll,
         # which continue their parked slots first) and a slot's worth of samples at the front of the queue; not
         # further back (a prefill waits for everything encoded ahead, and features encoded for a rollout's later
@@ -737,7 +737,7 @@ class HFStreamingEngine(HFEngine):
         core = (req.params.temperature, req.params.top_p, req.params.top_k)
         if self._params is None:
             if core != self._params_core:  # sampling settings are part of the graphs (same ones: kept)
-                self._graphs, self._eager_steps = {}, 0
+                self._drop_graphs()
             self._params, self._params_core = req.params, core
         return core == self._params_core
 
@@ -1140,7 +1140,7 @@ class HFStreamingEngine(HFEngine):
         device = self.model.device
         graphs = device.type == "cuda" and self.use_graphs is not False
         if self._graphs and self._graph_weights != (weight_addresses(self.model), self.decode_backend):
-            self._graphs, self._eager_steps = {}, 0  # parameters moved or another attention backend: capture again
+            self._drop_graphs()  # parameters moved or another attention backend: capture again
         n = min(n, self.MAX_CHUNK)  # a finished slot's tokens land in the MAX_CHUNK spare columns until collected
         width = self._read_width(n)
         self._st["cache"].width = width
@@ -1170,6 +1170,10 @@ class HFStreamingEngine(HFEngine):
                     with self._autocast():
                         self._step()
                 k += 1
+
+    def _drop_graphs(self) -> None:
+        """All the decode graphs at once, before any is captured again (their lane's rule: capture_stream)."""
+        self._graphs, self._eager_steps = {}, 0
 
     def _collect(self) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free."""

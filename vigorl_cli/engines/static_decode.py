@@ -234,7 +234,7 @@ class _OtherCaptureAPI(Exception):
 
 
 @contextlib.contextmanager
-def _capturing(graph: Any, pool: Any, lane: str = "decode"):
+def _capturing(graph: Any, pool: Any, lane: str):
     """``torch.cuda.graph(graph, pool=pool)`` without what it does first besides synchronising: emptying the device
     allocator's cache and the pinned host cache (``torch.cuda.graph`` does both at every capture, so the prefills
     after a capture mid-run allocate device memory and pinned buffers afresh: the profile's ``cudaHostAlloc``
@@ -254,8 +254,7 @@ def _capturing(graph: Any, pool: Any, lane: str = "decode"):
             graph.capture_end()
 
 
-def capture_call(fn: Any, pool: Any = None, what: str = "CUDA graph", lane: str = "decode"
-                 ) -> tuple[Any, Any, str | None]:
+def capture_call(fn: Any, pool: Any, what: str, lane: str) -> tuple[Any, Any, str | None]:
     """Record ``fn()`` as a CUDA graph in memory pool ``pool`` (not run), on ``lane``'s capture stream
     (:func:`capture_stream`): ``(graph, fn's output, None)``, or ``(None, None, reason)`` after saying once why it
     could not be captured (a host sync or a host tensor inside), so that the caller runs it eagerly. The output's
