@@ -92,6 +92,8 @@ def main() -> None:
                     help="also compare with HF's forward in float32 when timing a lower precision (a second tower)")
     ap.add_argument("--peak-tflops", type=float, default=790.0,
                     help="matmul rate for the floor column (790: the H100 bf16 rate gpu-baseline.md used)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile the last mode's forward (torch.profiler) and print its top kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.tiny:
@@ -138,6 +140,26 @@ def main() -> None:
         with torch.no_grad():
             return model(x.to(next(model.parameters()).dtype), grid_thw=grid).pooler_output
 
+    # the patch embedding alone: HF's Conv3d against one matmul on the same weight (models/patch_embed.py; every
+    # mode but hf runs the matmul)
+    from vigorl_cli.models.patch_embed import set_patch_embed
+
+    patch_embed = {}
+    for linear in (False, True):
+        set_patch_embed(tower, linear)
+        with torch.no_grad():
+            for _ in range(max(1, args.warmup)):
+                tower.patch_embed(inputs[0])
+            pe_times = []
+            for _ in range(args.reps):
+                sync()
+                t0 = time.perf_counter()
+                tower.patch_embed(inputs[0])
+                sync()
+                pe_times.append(time.perf_counter() - t0)
+        patch_embed["linear" if linear else "conv3d"] = round(1000 * min(pe_times), 3)
+    print(json.dumps({"patch_embed_best_ms": patch_embed}), flush=True)
+
     results, outs = {}, {}
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     for mode in modes:
@@ -175,6 +197,18 @@ def main() -> None:
                          "sdpa_calls_per_forward": len(calls)}
         print(json.dumps({mode: results[mode]}), flush=True)
 
+    if args.profile and modes:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for i in range(3):
+                run(tower, inputs[i % 2])
+            sync()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(f"profile of {modes[-1]} (3 forwards):")
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+
     ref32 = None
     if ref_tower is not None:
         set_vision_attention(ref_tower, "hf")
@@ -192,7 +226,8 @@ def main() -> None:
              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
              "shape": "tiny" if args.tiny else args.shape, "layers": vc.depth, "images": args.images,
              "size": args.size, "dtype": str(dtype).replace("torch.", ""), "tflop_per_forward": round(flops / 1e12, 3),
-             "floor_ms": round(1000 * flops / (args.peak_tflops * 1e12), 2), "results": results}
+             "floor_ms": round(1000 * flops / (args.peak_tflops * 1e12), 2), "results": results,
+             "patch_embed_best_ms": patch_embed}
     if "hf" in results:
         final["ratio_hf_over"] = {m: round(results["hf"]["best_ms"] / results[m]["best_ms"], 2)
                                   for m in results if m != "hf"}
