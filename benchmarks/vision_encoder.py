@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32 (default on CPU)")
     ap.add_argument("--modes", default="hf,batched,varlen",
                     help="varlen is skipped where it cannot run; MODE+compile adds model.compile's regional compile "
-                         "of norms and MLPs (it stays on: list such modes last)")
+                         "of norms and MLPs (it stays on: list such modes last); MODE+conv / MODE+unaligned keep "
+                         "HF's Conv3d patch embedding / HF's unaligned MLP width (e.g. varlen+unaligned+compile)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--fp32-ref", choices=("on", "off"), default="on",
@@ -142,6 +143,7 @@ def main() -> None:
 
     # the patch embedding alone: HF's Conv3d against one matmul on the same weight (models/patch_embed.py; every
     # mode but hf runs the matmul)
+    from vigorl_cli.models.aligned_mlp import aligned_mlp_modules, set_aligned_mlp
     from vigorl_cli.models.patch_embed import set_patch_embed
 
     patch_embed = {}
@@ -159,13 +161,37 @@ def main() -> None:
                 pe_times.append(time.perf_counter() - t0)
         patch_embed["linear" if linear else "conv3d"] = round(1000 * min(pe_times), 3)
     print(json.dumps({"patch_embed_best_ms": patch_embed}), flush=True)
+    # one block's MLP alone: HF's width against the aligned one (models/aligned_mlp.py; only unaligned widths)
+    mlp_ms = {}
+    mlps = aligned_mlp_modules(tower)
+    if mlps:
+        h = torch.randn(n, tower.config.hidden_size, device=dev, dtype=dtype)
+        for aligned in (False, True):
+            set_aligned_mlp(tower, aligned)
+            with torch.no_grad():
+                for _ in range(max(1, args.warmup)):
+                    mlps[0](h)
+                mlp_times = []
+                for _ in range(args.reps):
+                    sync()
+                    t0 = time.perf_counter()
+                    mlps[0](h)
+                    sync()
+                    mlp_times.append(time.perf_counter() - t0)
+            mlp_ms["aligned" if aligned else "unaligned"] = round(1000 * min(mlp_times), 3)
+        print(json.dumps({"mlp_best_ms": mlp_ms, "width": mlps[0].gate_proj.out_features}), flush=True)
 
     results, outs = {}, {}
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     for mode in modes:
-        base, _, extra = mode.partition("+")
+        base, *extras = mode.split("+")
         set_vision_attention(tower, base)
-        if extra == "compile":  # model.compile's regional compile of the blocks' norms and MLPs (stays on: run last)
+        # +conv / +unaligned: HF's Conv3d patch embedding / HF's unaligned MLP width in this mode (for comparison)
+        if "conv" in extras:
+            set_patch_embed(tower, False)
+        if "unaligned" in extras:
+            set_aligned_mlp(tower, False)
+        if "compile" in extras:  # model.compile's regional compile of the blocks' norms and MLPs (stays on: run last)
             from vigorl_cli.models.compile import compile_blocks, is_compiled
 
             if not is_compiled(tower):
@@ -227,7 +253,7 @@ def main() -> None:
              "shape": "tiny" if args.tiny else args.shape, "layers": vc.depth, "images": args.images,
              "size": args.size, "dtype": str(dtype).replace("torch.", ""), "tflop_per_forward": round(flops / 1e12, 3),
              "floor_ms": round(1000 * flops / (args.peak_tflops * 1e12), 2), "results": results,
-             "patch_embed_best_ms": patch_embed}
+             "patch_embed_best_ms": patch_embed, "mlp_best_ms": mlp_ms}
     if "hf" in results:
         final["ratio_hf_over"] = {m: round(results["hf"]["best_ms"] / results[m]["best_ms"], 2)
                                   for m in results if m != "hf"}

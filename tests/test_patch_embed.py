@@ -96,3 +96,76 @@ def test_only_degenerate_convolutions_are_replaced(bundles):
     pe.proj.stride = (1, 1, 1)  # a sliding convolution is not one matmul per patch
     assert patch_embed_modules(model) == [] and set_patch_embed(model, True) == 0
     assert not linear_patch_embed(model)
+
+
+def _tower(intermediate: int):
+    """A two-block Qwen2.5-VL vision tower whose MLP is ``intermediate`` wide (3,420 in every real Qwen2.5-VL)."""
+    import transformers
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vc = transformers.Qwen2_5_VLVisionConfig(depth=2, hidden_size=64, intermediate_size=intermediate, num_heads=4,
+                                             out_hidden_size=32, fullatt_block_indexes=[1], window_size=112)
+    torch.manual_seed(0)
+    return Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def test_unaligned_vision_mlp_is_padded_with_the_same_result_and_gradients():
+    from vigorl_cli.models.aligned_mlp import ALIGN, aligned_mlp_modules, mlp_aligned, set_aligned_mlp
+
+    tower = _tower(100)  # 100 % 16 = 4: padded to 112 per forward
+    mods = aligned_mlp_modules(tower)
+    assert len(mods) == 2 and not mlp_aligned(tower)
+    for m in mods:  # real biases everywhere, so a non-zero pad would show
+        torch.nn.init.normal_(m.gate_proj.bias)
+        torch.nn.init.normal_(m.up_proj.bias)
+    keys = {k: v.shape for k, v in tower.state_dict().items()}
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    widths: list = []
+    real_linear = torch.nn.functional.linear
+
+    def spying(inp, w, b=None):
+        widths.append(w.shape)
+        return real_linear(inp, w, b)
+
+    res = {}
+    for aligned in (False, True):
+        set_aligned_mlp(tower, aligned)
+        x.grad = None
+        tower.zero_grad()
+        widths.clear()
+        torch.nn.functional.linear = spying
+        try:
+            y = mods[0](x)
+        finally:
+            torch.nn.functional.linear = real_linear
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        res[aligned] = (y.detach(), x.grad.clone(),
+                        {n: p.grad.clone() for n, p in mods[0].named_parameters()})
+        if aligned:
+            assert widths == [(112, 64), (112, 64), (64, 112)] and 112 % ALIGN == 0
+    assert mlp_aligned(tower) and type(mods[0]).__name__ == "AlignedQwen2_5_VLMLP"
+    (y0, gx0, gp0), (y1, gx1, gp1) = res[False], res[True]
+    assert (y1 - y0).abs().max().item() < 1e-5
+    assert (gx1 - gx0).abs().max().item() < 1e-5
+    assert gp0.keys() == gp1.keys() and all(gp0[n].shape == gp1[n].shape for n in gp0)  # the real parameters'
+    assert all((gp1[n] - gp0[n]).abs().max().item() < 1e-5 for n in gp0)
+    assert {k: v.shape for k, v in tower.state_dict().items()} == keys
+    # the whole tower through set_vision_attention: batched pads, hf restores HF's MLP
+    px = torch.randn(64, 3 * 2 * 14 * 14)
+    grid = torch.tensor([[1, 8, 8]])
+    with torch.no_grad():
+        set_vision_attention(tower, "batched")
+        ours = tower(px, grid_thw=grid).pooler_output
+        assert mlp_aligned(tower)
+        set_vision_attention(tower, "hf")
+        ref = tower(px, grid_thw=grid).pooler_output
+    assert not mlp_aligned(tower)
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_aligned_mlps_are_left_alone(bundles):
+    from vigorl_cli.models.aligned_mlp import aligned_mlp_modules, set_aligned_mlp
+
+    assert aligned_mlp_modules(_tower(128)) == []  # 128 is aligned, as are the tiny models' MLPs
+    for name in TINY:
+        assert set_aligned_mlp(bundles[name].model) == 0

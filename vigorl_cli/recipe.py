@@ -46,7 +46,8 @@ class ModelConfig:
         "auto", "vision-tower attention: batched = one sdpa call per layer over all images and windows (padded, "
                 "any device); varlen = one flash varlen call (CUDA, fp16/bf16); hf = HF's per-window loop; auto: "
                 "batched, or HF's attention when the tower already runs flash_attention_2. All but hf also run the "
-                "patch embedding's Conv3d as one matmul (same weights)")
+                "patch embedding's Conv3d as one matmul and Qwen2.5-VL's 3420-wide vision MLP zero-padded to 3424 "
+                "(same weights; cuBLAS's fast kernels need aligned widths)")
     compile: bool = F(False, "sft/grpo: torch.compile each decoder layer and vision block (regional; fuses norms, "
                              "rotary and activations; attention stays eager); costs compile time on the first steps; "
                              "single process or fsdp2")

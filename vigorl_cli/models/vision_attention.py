@@ -22,8 +22,8 @@ against a floor of about 18 ms). This module replaces that loop, per model, with
     installed, else ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.10). Where a call cannot take it (CPU, fp32
     activations) the same layer falls back to ``batched``.
 ``hf``
-    HF's own code, untouched (the patch embedding's Conv3d too; other modes run it as ``F.linear``:
-    :mod:`vigorl_cli.models.patch_embed`).
+    HF's own code, untouched (the patch embedding's Conv3d and the MLP's unaligned width too; other modes run them
+    as one matmul and padded: :mod:`vigorl_cli.models.patch_embed`, :mod:`vigorl_cli.models.aligned_mlp`).
 
 ``auto`` = ``batched`` for the supported attention classes, ``hf`` when the vision tower already runs HF's flash
 varlen path (``attn_implementation="flash_attention_2"``) or the model has no supported vision attention.
@@ -291,13 +291,16 @@ def resolve_vision_attention(model, mode: str = "auto") -> str:
 def set_vision_attention(model, mode: str = "auto") -> str:
     """Switch ``model``'s vision attention to ``mode`` in place; returns the mode in effect. Reversible.
 
-    Every requested mode but ``hf`` also computes the patch embedding as one matrix product
-    (:mod:`vigorl_cli.models.patch_embed`), ``auto`` included where it keeps HF's flash attention; ``hf`` is HF's
+    Every requested mode but ``hf`` also runs the tower's other matrix products at shapes cuBLAS runs fast — the
+    patch embedding as one matmul (:mod:`vigorl_cli.models.patch_embed`), Qwen2.5-VL's MLP at an aligned width
+    (:mod:`vigorl_cli.models.aligned_mlp`) — ``auto`` included where it keeps HF's flash attention; ``hf`` is HF's
     vision code untouched (the benchmarks' plain-HF baseline)."""
+    from vigorl_cli.models.aligned_mlp import set_aligned_mlp
     from vigorl_cli.models.patch_embed import set_patch_embed
 
     effective = resolve_vision_attention(model, mode)
     set_patch_embed(model, linear=mode != "hf")
+    set_aligned_mlp(model, aligned=mode != "hf")
     for mod in vision_attention_modules(model):
         base = _hf_class(mod)
         if effective == "hf":
