@@ -409,11 +409,13 @@ class HFStreamingEngine(HFEngine):
         # stream, beside the decode chunk in flight, into the feature cache their prefill reads (_encode_ahead). The
         # tower is a prefill's compute-bound half (~45 ms of ~105 ms per prefill at 512 episodes on an H200, with
         # vision_graphs: docs/performance.md, issue 7); the turn-synchronous loop has no decode to hide it behind.
-        # Off by default until measured
+        # Off: measured on an H200 at 512 episodes (tenth session), the tower beside the decode took 3× its device
+        # time and slowed the decode 4-8% (67.0 against 68.0 s in one call, 76.8 against 71.0 s in another)
         self.vision_ahead = False
         # process a submitted request's new images (resize, normalise: ~3 ms each on an H200's host, on the host's
         # critical path in _prepare) in this many background threads from submit on, while the main thread launches
-        # decode chunks and waits for them (0: in _prepare, on the main thread). Off by default until measured
+        # decode chunks and waits for them (0: in _prepare, on the main thread). Off: no gain measured beside
+        # vision_ahead on an H200 (67.8 against 68.0 s, tenth session)
         self.prepare_threads = 0
         self._executor: Any = None
         self._early: dict[str, Any] = {}  # image key → future of (pixels, grid row), until a _prepare takes it
