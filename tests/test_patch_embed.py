@@ -169,3 +169,28 @@ def test_aligned_mlps_are_left_alone(bundles):
     assert aligned_mlp_modules(_tower(128)) == []  # 128 is aligned, as are the tiny models' MLPs
     for name in TINY:
         assert set_aligned_mlp(bundles[name].model) == 0
+
+
+def test_lora_adapters_on_the_vision_mlp_and_patch_embedding_still_apply():
+    """peft wraps a targeted projection after load: the padded / matmul forwards must not bypass its adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from vigorl_cli.models.aligned_mlp import set_aligned_mlp
+
+    tower = _tower(100)
+    set_vision_attention(tower, "batched")
+    peft_tower = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=r".*(mlp\.(gate_proj|up_proj|down_proj)|patch_embed\.proj)"))
+    px = torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    grid = torch.tensor([[1, 8, 8]])
+    with torch.no_grad():
+        with_lora = peft_tower(px, grid_thw=grid).pooler_output
+        set_vision_attention(tower, "hf")
+        assert type(tower.blocks[0].mlp).__name__ == "Qwen2_5_VLMLP"  # HF's classes back, adapters and all
+        assert type(tower.patch_embed).__name__ == "Qwen2_5_VisionPatchEmbed"
+        hf_with_lora = peft_tower(px, grid_thw=grid).pooler_output
+        with peft_tower.disable_adapter():
+            plain = peft_tower(px, grid_thw=grid).pooler_output
+    assert (with_lora - hf_with_lora).abs().max().item() < 1e-5
+    assert (with_lora - plain).abs().max().item() > 1e-3  # the adapters (random B) do change the output
+    assert set_aligned_mlp(tower) == 2  # (the modules themselves are still found)

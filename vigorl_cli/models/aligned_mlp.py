@@ -14,7 +14,8 @@ on the parameters themselves: the padded features are exactly 0 (zero weights, z
 zero down-weight columns, so the result is the unpadded MLP's up to the kernels' rounding, and gradients flow to
 the real parameters only. The pads are copies of ~26 MB per block per forward (~10 µs on an H200), no state: the
 parameters, their state-dict keys and shapes, checkpoints, weight updates, FSDP sharding and LoRA targets are
-untouched. Installed with the patch embedding's matmul by :func:`~vigorl_cli.models.vision_attention
+untouched; a projection wrapped after installation (a peft LoRA layer) makes the MLP run HF's forward, adapter
+included. Installed with the patch embedding's matmul by :func:`~vigorl_cli.models.vision_attention
 .set_vision_attention` for every mode but ``hf``; reversible. MLPs already aligned (Qwen2-VL's 5,120, Qwen3-VL's
 4,304, the tiny models') are left alone.
 """
@@ -33,8 +34,11 @@ class _AlignedMLP:
     """Mixin: HF's gated MLP with the intermediate width zero-padded to a multiple of :data:`ALIGN`."""
 
     def forward(self, hidden_state):
+        import torch.nn as nn
         import torch.nn.functional as F
 
+        if not all(isinstance(m, nn.Linear) for m in (self.gate_proj, self.up_proj, self.down_proj)):
+            return super().forward(hidden_state)  # wrapped since (a LoRA adapter): its own forward, unpadded
         pad = (-self.gate_proj.out_features) % ALIGN
 
         def widened(lin):
@@ -57,7 +61,9 @@ def aligned_mlp_modules(model) -> list:
     found = []
     for mod in model.modules():
         cls = _hf_class(mod)
-        lins = [getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        # (a peft-wrapped projection counts by its base layer)
+        lins = [getattr(getattr(mod, n, None), "base_layer", getattr(mod, n, None))
+                for n in ("gate_proj", "up_proj", "down_proj")]
         if (cls.__module__, cls.__name__) in _SUPPORTED and all(isinstance(x, nn.Linear) for x in lins) \
                 and lins[0].out_features % ALIGN and lins[0].out_features == lins[1].out_features \
                 == lins[2].in_features:

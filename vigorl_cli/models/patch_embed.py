@@ -7,7 +7,8 @@ weight (plus bias). cuDNN does not treat it as one: depending on the cuDNN build
 falls back to slow algorithms (transformers#45750, vLLM#27418 — from ~10× up to orders of magnitude slower than the
 GEMM on some GPUs in bf16). :func:`set_patch_embed` swaps each such module's class for a subclass whose forward is
 ``F.linear`` on a reshaped *view* of the same weight: the parameter, its state-dict key and shape, checkpoints,
-hooks and gradients are the convolution's; only the kernel changes (equal in float32, bf16 rounding otherwise).
+hooks and gradients are the convolution's; only the kernel changes (equal in float32, bf16 rounding otherwise). A
+``proj`` wrapped after installation (a peft LoRA layer) runs its own forward.
 
 Installed by :func:`~vigorl_cli.models.vision_attention.set_vision_attention` for every mode but ``hf`` (which
 leaves HF's vision code untouched, the plain-HF baseline of the benchmarks); reversible.
@@ -28,8 +29,11 @@ class _LinearPatchEmbed:
     """Mixin: the patch embedding's convolution computed as ``F.linear`` on the same (viewed) weight."""
 
     def forward(self, hidden_states):
+        import torch.nn as nn
         import torch.nn.functional as F
 
+        if not isinstance(self.proj, nn.Conv3d):
+            return super().forward(hidden_states)  # wrapped since (a LoRA adapter): its own forward
         w = self.proj.weight  # [embed_dim, C, T, P, P]
         x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
         return F.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
@@ -54,7 +58,8 @@ def patch_embed_modules(model) -> list:
     found = []
     for mod in model.modules():
         cls = _hf_class(mod)
-        if (cls.__module__, cls.__name__) in _SUPPORTED and _degenerate(getattr(mod, "proj", None)):
+        proj = getattr(mod, "proj", None)
+        if (cls.__module__, cls.__name__) in _SUPPORTED and _degenerate(getattr(proj, "base_layer", proj)):
             found.append(mod)
     return found
 
