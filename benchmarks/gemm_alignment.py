@@ -32,7 +32,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gemm_alignment.py measures cuBLAS kernels: it needs a CUDA GPU")
     torch.manual_seed(0)
-    T, H, bf = args.tokens, args.hidden, dict(device="cuda", dtype=torch.bfloat16)
+    T, H, bf = args.tokens, args.hidden, {"device": "cuda", "dtype": torch.bfloat16}
 
     def bench(fn) -> float:
         """µs per call: median over replays of a CUDA graph of 10 calls."""
@@ -61,8 +61,8 @@ def main() -> None:
     for n in (int(w) for w in args.widths.split(",")):
         w_up, b_up = torch.randn(n, H, **bf), torch.randn(n, **bf)
         h, w_down = torch.randn(T, n, **bf), torch.randn(H, n, **bf)
-        up = bench(lambda: F.linear(x, w_up, b_up))
-        down = bench(lambda: F.linear(h, w_down, b_down))
+        up = bench(lambda w_up=w_up, b_up=b_up: F.linear(x, w_up, b_up))
+        down = bench(lambda h=h, w_down=w_down: F.linear(h, w_down, b_down))
         flop = 2 * T * H * n
         out[n] = {"up_us": up, "down_us": down, "up_tflops": round(flop / up / 1e6, 1),
                   "down_tflops": round(flop / down / 1e6, 1)}

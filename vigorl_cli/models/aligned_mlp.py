@@ -34,8 +34,8 @@ class _AlignedMLP:
     """Mixin: HF's gated MLP with the intermediate width zero-padded to a multiple of :data:`ALIGN`."""
 
     def forward(self, hidden_state):
-        import torch.nn as nn
         import torch.nn.functional as F
+        from torch import nn
 
         if not all(isinstance(m, nn.Linear) for m in (self.gate_proj, self.up_proj, self.down_proj)):
             return super().forward(hidden_state)  # wrapped since (a LoRA adapter): its own forward, unpadded
@@ -56,7 +56,7 @@ def _hf_class(mod) -> type:
 
 def aligned_mlp_modules(model) -> list:
     """The vision-tower MLPs of ``model`` whose intermediate width is not a multiple of :data:`ALIGN`."""
-    import torch.nn as nn
+    from torch import nn
 
     found = []
     for mod in model.modules():

@@ -29,8 +29,8 @@ class _LinearPatchEmbed:
     """Mixin: the patch embedding's convolution computed as ``F.linear`` on the same (viewed) weight."""
 
     def forward(self, hidden_states):
-        import torch.nn as nn
         import torch.nn.functional as F
+        from torch import nn
 
         if not isinstance(self.proj, nn.Conv3d):
             return super().forward(hidden_states)  # wrapped since (a LoRA adapter): its own forward
@@ -46,7 +46,7 @@ def _hf_class(mod) -> type:
 
 def _degenerate(conv) -> bool:
     """A Conv3d that is a matrix product per patch: stride = kernel, no padding, dilation or groups."""
-    import torch.nn as nn
+    from torch import nn
 
     return (isinstance(conv, nn.Conv3d) and tuple(conv.stride) == tuple(conv.kernel_size)
             and all(p == 0 for p in conv.padding) and all(d == 1 for d in conv.dilation) and conv.groups == 1
