@@ -72,7 +72,7 @@ def test_hf_mode_restores_conv3d_and_weights_are_unchanged(bundles, monkeypatch)
     keys = {k: v.shape for k, v in model.state_dict().items()}
     pe = patch_embed_modules(model)[0]
     set_vision_attention(model, "hf")
-    assert not linear_patch_embed(model) and type(pe).__name__ == "Qwen2_5_VisionPatchEmbed"
+    assert not linear_patch_embed(model) and type(pe.proj) is torch.nn.Conv3d
     calls = _count_conv3d(monkeypatch)
     set_vision_attention(model, "batched")
     twin = copy.deepcopy(model)
@@ -183,14 +183,58 @@ def test_lora_adapters_on_the_vision_mlp_and_patch_embedding_still_apply():
                                                   target_modules=r".*(mlp\.(gate_proj|up_proj|down_proj)|patch_embed\.proj)"))
     px = torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
     grid = torch.tensor([[1, 8, 8]])
+    assert type(tower.patch_embed.proj.base_layer).__name__ == "MatmulConv3d"  # the adapter's base layer
     with torch.no_grad():
         with_lora = peft_tower(px, grid_thw=grid).pooler_output
         set_vision_attention(tower, "hf")
         assert type(tower.blocks[0].mlp).__name__ == "Qwen2_5_VLMLP"  # HF's classes back, adapters and all
-        assert type(tower.patch_embed).__name__ == "Qwen2_5_VisionPatchEmbed"
+        assert type(tower.patch_embed.proj.base_layer) is torch.nn.Conv3d
         hf_with_lora = peft_tower(px, grid_thw=grid).pooler_output
         with peft_tower.disable_adapter():
             plain = peft_tower(px, grid_thw=grid).pooler_output
     assert (with_lora - hf_with_lora).abs().max().item() < 1e-5
     assert (with_lora - plain).abs().max().item() > 1e-3  # the adapters (random B) do change the output
     assert set_aligned_mlp(tower) == 2  # (the modules themselves are still found)
+
+
+def test_matmul_conv3d_keeps_the_modules_hooks_and_real_convolutions(bundles):
+    """The Conv3d itself is what runs (so DeepSpeed ZeRO-3's hooks gather its weight there); an input larger than
+    one kernel still gets a real convolution."""
+    from vigorl_cli.models.patch_embed import MatmulConv3d
+
+    pe = patch_embed_modules(bundles["tiny-qwen2-vl"].model)[0]
+    assert type(pe.proj) is MatmulConv3d
+    seen = []
+    handle = pe.proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    try:
+        x = torch.randn(5, pe.proj.weight[0].numel())
+        with torch.no_grad():
+            pe(x)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and tuple(seen[0][2:]) == tuple(pe.proj.kernel_size)
+    big = torch.randn(2, pe.proj.in_channels, *(2 * k for k in pe.proj.kernel_size))
+    with torch.no_grad():
+        ours = pe.proj(big)
+        ref = torch.nn.functional.conv3d(big, pe.proj.weight, pe.proj.bias, pe.proj.stride)
+    assert ours.shape == ref.shape == (2, pe.proj.out_channels, 2, 2, 2)
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_aligned_mlp_runs_hfs_forward_on_zero3_partitioned_weights():
+    """DeepSpeed ZeRO-3 gathers a weight in its own module's forward hook (parameters marked with ds_id): the padded
+    forward, which reads the weights without calling the projections, must not run then."""
+    tower = _tower(100)
+    set_vision_attention(tower, "batched")
+    mlp = tower.blocks[0].mlp
+    called = []
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        lin.register_forward_pre_hook(lambda mod, args, _c=called: _c.append(mod.out_features))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        padded = mlp(x)
+        assert called == []  # the padded forward reads the weights directly
+        mlp.gate_proj.weight.ds_id = 7  # (what deepspeed.zero.Init sets on every parameter)
+        hf = mlp(x)
+    assert called == [100, 100, 64]  # the projections' own forwards (and their hooks) ran
+    assert (padded - hf).abs().max().item() < 1e-5
