@@ -343,3 +343,24 @@ def test_vision_encoder_benchmark_smoke(tmp_path):
     assert r["hf"]["sdpa_calls_per_forward"] == 52 and r["batched"]["sdpa_calls_per_forward"] == 2
     assert r["batched"]["max_abs_diff_vs_hf"] < 1e-5 and r["batched"]["finite"]
     assert "mode" in res.stdout and "batched" in res.stdout
+
+
+@pytest.mark.parametrize("module", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_pair_is_bitwise_hfs_rotary(module, dtype):
+    """Queries and keys rotated in one pass give exactly what each family's apply_rotary_pos_emb_vision gives."""
+    import importlib
+
+    from vigorl_cli.models.vision_attention import rope_pair
+
+    hf_rope = importlib.import_module(f"transformers.models.{module}.modeling_{module}").apply_rotary_pos_emb_vision
+    g = torch.Generator().manual_seed(3)
+    n, heads, d = 37, 4, 16
+    qkv = torch.randn(n, 3, heads, d, generator=g).to(dtype)  # as the qkv projection's output is laid out
+    emb = torch.randn(n, d, generator=g)  # HF passes float32 cos / sin of [tokens, head_dim]
+    cos, sin = emb.cos(), emb.sin()
+    q_ref, k_ref = hf_rope(qkv[:, 0], qkv[:, 1], cos, sin)
+    q, k = rope_pair(qkv[:, :2], cos, sin)
+    assert q.dtype == k.dtype == dtype and q.shape == k.shape == (n, heads, d)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert q.is_contiguous() and k.is_contiguous()  # (the varlen kernel then takes them without a copy)

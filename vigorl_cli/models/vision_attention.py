@@ -28,8 +28,8 @@ against a floor of about 18 ms). This module replaces that loop, per model, with
 ``auto`` = ``batched`` for the supported attention classes, ``hf`` when the vision tower already runs HF's flash
 varlen path (``attn_implementation="flash_attention_2"``) or the model has no supported vision attention.
 
-The math is HF's: the same qkv projection, the same rotary function (taken from the model's own modelling module),
-the same softmax scale; only how the segments reach the attention kernel changes. Installation swaps each attention
+The math is HF's: the same qkv projection, the same rotary formula (:func:`rope_pair`, queries and keys in one pass,
+bitwise HF's), the same softmax scale; only how the segments reach the attention kernel changes. Installation swaps each attention
 module's class for a subclass (``deepcopy``-safe, reversible with :func:`set_vision_attention` ``(model, "hf")``);
 no weights or state-dict keys change.
 """
@@ -40,7 +40,6 @@ import contextlib
 import functools
 import importlib.util
 import inspect
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -218,17 +217,33 @@ def _eager_attend(kernel: str):
     return torch.compiler.disable(varlen_attention if kernel == "varlen" else batched_attention)
 
 
+def rope_pair(qk, cos, sin):
+    """HF's ``apply_rotary_pos_emb_vision`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: one formula) on ``qk`` = ``[tokens, 2,
+    heads, head_dim]``, queries and keys in one pass: the same element-wise operations in the same order and dtype
+    (float32, then back), so bitwise the same result, in 7 kernels instead of 14 (a quarter of the tower's non-matmul
+    GPU time in the H200 profile, docs/performance.md). Returns ``(q, k)``, views of one tensor."""
+    import torch
+
+    x = qk.transpose(0, 1)  # [2, tokens, heads, dim], copied to float32 in that (contiguous) order
+    x = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+    cos, sin = cos[:, None].float(), sin[:, None].float()  # [tokens, 1, dim]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = ((x * cos) + (rotated * sin)).to(qk.dtype)
+    return out[0], out[1]  # each contiguous: the varlen kernel takes them without a copy
+
+
 class _OneCallVisionAttention:
     """Mixin: HF's vision-attention forward with the per-segment loop replaced by one call."""
 
     _vigorl_kernel = "batched"
-    _rope = None  # the modelling module's apply_rotary_pos_emb_vision, set on the subclass
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         n = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        qkv = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1)
         cos, sin = position_embeddings
-        q, k = type(self)._rope(q, k, cos, sin)
+        q, k = rope_pair(qkv[:, :2], cos, sin)
+        v = qkv[:, 2]
         dropout = self.attention_dropout if self.training else 0.0
         out = self._vigorl_attend(q, k, v, cu_seqlens, self.scaling, dropout, max_seqlen)
         return self.proj(out.reshape(n, -1).contiguous())
@@ -253,8 +268,7 @@ def vision_attention_modules(model) -> list:
 def _subclass(cls: type) -> type:
     sub = _SUBCLASSES.get(cls)
     if sub is None:
-        rope = sys.modules[cls.__module__].apply_rotary_pos_emb_vision
-        sub = type("OneCall" + cls.__name__, (_OneCallVisionAttention, cls), {"_rope": staticmethod(rope)})
+        sub = type("OneCall" + cls.__name__, (_OneCallVisionAttention, cls), {})
         _SUBCLASSES[cls] = sub
     return sub
 
