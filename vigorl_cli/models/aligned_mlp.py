@@ -53,8 +53,9 @@ class _AlignedMLP:
 
 
 def _hf_class(mod) -> type:
-    cls = type(mod)
-    return cls.__bases__[1] if issubclass(cls, _AlignedMLP) else cls
+    from vigorl_cli.models.vision_attention import hf_class
+
+    return hf_class(mod, _AlignedMLP)
 
 
 def aligned_mlp_modules(model) -> list:
@@ -75,10 +76,9 @@ def aligned_mlp_modules(model) -> list:
 
 
 def _subclass(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        sub = _SUBCLASSES[cls] = type("Aligned" + cls.__name__, (_AlignedMLP, cls), {})
-    return sub
+    from vigorl_cli.models.vision_attention import mixin_subclass
+
+    return mixin_subclass(cls, _AlignedMLP, "Aligned", _SUBCLASSES)
 
 
 def set_aligned_mlp(model, aligned: bool = True) -> int:

@@ -249,16 +249,26 @@ class _OneCallVisionAttention:
         return self.proj(out.reshape(n, -1).contiguous())
 
 
-def _hf_class(mod) -> type:
+def hf_class(mod, mixin: type | None = None) -> type:
+    """``mod``'s HF class: its class, or the HF base of the ``(mixin, HF class)`` subclass it was switched to."""
+    mixin = mixin or _OneCallVisionAttention
     cls = type(mod)
-    return cls.__bases__[1] if issubclass(cls, _OneCallVisionAttention) else cls
+    return cls.__bases__[1] if issubclass(cls, mixin) else cls
+
+
+def mixin_subclass(cls: type, mixin: type, prefix: str, cache: dict) -> type:
+    """The subclass ``(mixin, cls)`` named ``prefix + cls.__name__``, made once per class (kept in ``cache``)."""
+    sub = cache.get(cls)
+    if sub is None:
+        sub = cache[cls] = type(prefix + cls.__name__, (mixin, cls), {})
+    return sub
 
 
 def vision_attention_modules(model) -> list:
     """The supported vision attention modules of ``model`` (empty for other architectures)."""
     found = []
     for mod in model.modules():
-        cls = _hf_class(mod)
+        cls = hf_class(mod)
         if (cls.__module__, cls.__name__) in _SUPPORTED and all(
                 hasattr(mod, a) for a in ("qkv", "proj", "num_heads", "scaling", "attention_dropout")):
             found.append(mod)
@@ -266,11 +276,7 @@ def vision_attention_modules(model) -> list:
 
 
 def _subclass(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        sub = type("OneCall" + cls.__name__, (_OneCallVisionAttention, cls), {})
-        _SUBCLASSES[cls] = sub
-    return sub
+    return mixin_subclass(cls, _OneCallVisionAttention, "OneCall", _SUBCLASSES)
 
 
 def _vision_uses_flash(mods) -> bool:
@@ -316,7 +322,7 @@ def set_vision_attention(model, mode: str = "auto") -> str:
     set_patch_embed(model, linear=mode != "hf")
     set_aligned_mlp(model, aligned=mode != "hf")
     for mod in vision_attention_modules(model):
-        base = _hf_class(mod)
+        base = hf_class(mod)
         if effective == "hf":
             mod.__class__ = base
             mod.__dict__.pop("_vigorl_kernel", None)
