@@ -221,20 +221,33 @@ def test_matmul_conv3d_keeps_the_modules_hooks_and_real_convolutions(bundles):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_aligned_mlp_runs_hfs_forward_on_zero3_partitioned_weights():
-    """DeepSpeed ZeRO-3 gathers a weight in its own module's forward hook (parameters marked with ds_id): the padded
-    forward, which reads the weights without calling the projections, must not run then."""
+def test_aligned_mlp_runs_hfs_forward_on_zero3_weights_or_hooked_projections(monkeypatch):
+    """DeepSpeed ZeRO-3 gathers a weight in its own module's forward hook (parameters marked with ds_id), and other
+    hooks on a projection expect to run: the padded forward, which reads the weights without calling the
+    projections, must not run then."""
     tower = _tower(100)
     set_vision_attention(tower, "batched")
     mlp = tower.blocks[0].mlp
-    called = []
-    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        lin.register_forward_pre_hook(lambda mod, args, _c=called: _c.append(mod.out_features))
+    widths: list = []
+    real_linear = torch.nn.functional.linear
+
+    def spying(inp, w, b=None):
+        widths.append(w.shape[0])
+        return real_linear(inp, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spying)
     x = torch.randn(3, 64)
     with torch.no_grad():
         padded = mlp(x)
-        assert called == []  # the padded forward reads the weights directly
+        assert widths == [112, 112, 64]  # padded
+        widths.clear()
         mlp.gate_proj.weight.ds_id = 7  # (what deepspeed.zero.Init sets on every parameter)
-        hf = mlp(x)
-    assert called == [100, 100, 64]  # the projections' own forwards (and their hooks) ran
-    assert (padded - hf).abs().max().item() < 1e-5
+        zero3 = mlp(x)
+        assert widths == [100, 100, 64]  # HF's forward, each projection called
+        del mlp.gate_proj.weight.ds_id
+        called = []
+        handle = mlp.down_proj.register_forward_pre_hook(lambda mod, args: called.append(args[0].shape[-1]))
+        hooked = mlp(x)
+        handle.remove()
+    assert called == [100]
+    assert (padded - zero3).abs().max().item() < 1e-5 and (padded - hooked).abs().max().item() < 1e-5

@@ -14,10 +14,11 @@ on the parameters themselves: the padded features are exactly 0 (zero weights, z
 zero down-weight columns, so the result is the unpadded MLP's up to the kernels' rounding, and gradients flow to
 the real parameters only. The pads are copies of ~26 MB per block per forward (~10 µs on an H200), no state: the
 parameters, their state-dict keys and shapes, checkpoints, weight updates, FSDP sharding and LoRA targets are
-untouched; a projection wrapped after installation (a peft LoRA layer) or partitioned by DeepSpeed ZeRO-3 (which
-gathers a weight only in its own module's forward) makes the MLP run HF's forward, unpadded. Installed with the patch embedding's matmul by :func:`~vigorl_cli.models.vision_attention
-.set_vision_attention` for every mode but ``hf``; reversible. MLPs already aligned (Qwen2-VL's 5,120, Qwen3-VL's
-4,304, the tiny models') are left alone.
+untouched (FSDP2 unshards a whole block before its forward). A projection wrapped after installation (a peft LoRA
+layer) or partitioned by DeepSpeed ZeRO-3 (which gathers a weight only in its own module's forward) makes the MLP
+run HF's forward, unpadded; so do forward hooks on the projections (they would not run). Installed with the patch
+embedding's matmul by :func:`~vigorl_cli.models.vision_attention.set_vision_attention` for every mode but ``hf``;
+reversible. MLPs already aligned (Qwen2-VL's 5,120, Qwen3-VL's 4,304, the tiny models') are left alone.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class _AlignedMLP:
         from torch import nn
 
         lins = (self.gate_proj, self.up_proj, self.down_proj)
-        # HF's forward where a projection was wrapped since (a LoRA adapter) or keeps its weight partitioned until
-        # its own forward gathers it (DeepSpeed ZeRO-3 marks such parameters with ds_id)
-        if not all(isinstance(m, nn.Linear) and not hasattr(m.weight, "ds_id") for m in lins):
+        # HF's forward where a projection was wrapped since (a LoRA adapter), keeps its weight partitioned until its
+        # own forward gathers it (DeepSpeed ZeRO-3 marks such parameters with ds_id), or has hooks to run
+        if not all(isinstance(m, nn.Linear) and not hasattr(m.weight, "ds_id") and not m._forward_hooks
+                   and not m._forward_pre_hooks for m in lins):
             return super().forward(hidden_state)
         pad = (-self.gate_proj.out_features) % ALIGN
 
