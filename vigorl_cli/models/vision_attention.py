@@ -29,9 +29,9 @@ against a floor of about 18 ms). This module replaces that loop, per model, with
 varlen path (``attn_implementation="flash_attention_2"``) or the model has no supported vision attention.
 
 The math is HF's: the same qkv projection, the same rotary formula (:func:`rope_pair`, queries and keys in one pass,
-bitwise HF's), the same softmax scale; only how the segments reach the attention kernel changes. Installation swaps each attention
-module's class for a subclass (``deepcopy``-safe, reversible with :func:`set_vision_attention` ``(model, "hf")``);
-no weights or state-dict keys change.
+bitwise HF's), the same softmax scale; only how the segments reach the attention kernel changes. Installation swaps
+each attention module's class for a subclass (``deepcopy``-safe, reversible with :func:`set_vision_attention`
+``(model, "hf")``); no weights or state-dict keys change.
 """
 
 from __future__ import annotations
