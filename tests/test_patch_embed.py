@@ -179,8 +179,8 @@ def test_lora_adapters_on_the_vision_mlp_and_patch_embedding_still_apply():
 
     tower = _tower(100)
     set_vision_attention(tower, "batched")
-    peft_tower = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=r".*(mlp\.(gate_proj|up_proj|down_proj)|patch_embed\.proj)"))
+    targets = r".*(mlp\.(gate_proj|up_proj|down_proj)|patch_embed\.proj)"
+    peft_tower = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
     px = torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
     grid = torch.tensor([[1, 8, 8]])
     assert type(tower.patch_embed.proj.base_layer).__name__ == "MatmulConv3d"  # the adapter's base layer
