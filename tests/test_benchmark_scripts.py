@@ -112,3 +112,24 @@ def test_decode_attention_arms_agree_with_a_float64_reference():
         assert {"hf_repeat", "grouped", "grouped_math", "grouped_matmul"} <= ran.keys()
         assert all(a["rel_err"] < 1e-5 for a in ran.values()), row
         assert all("skipped" in a for k, a in row["arms"].items() if k not in ran)
+
+
+def test_prefill_attention_arms_agree_with_a_float32_reference():
+    """benchmarks/prefill_attention.py on CPU (fp32, small shapes): HF's repeated keys, sdpa's grouped-query mode and
+    the folded grouped heads all give the masked attention of a per-head reference (causal within the new tokens,
+    full over each row's cached prefix)."""
+    bench = _load("prefill_attention")
+    import torch
+
+    rows = bench.run(batch=3, new=5, widths=[16, 40], heads=4, kv_heads=2, dim=16, dtype=torch.float32,
+                     device=torch.device("cpu"), layers=1, reps=1)
+    for row in rows:
+        assert row["arms"].keys() == {"hf_repeat", "gqa", "grouped_fold"}
+        assert all(a["rel_err"] < 1e-5 and a["us_per_call"] > 0 for a in row["arms"].values()), row
+    # the mask is what the docstring says: token t of a row with prefix p sees p + t + 1 positions
+    q = torch.randn(1, 4, 3, 16)
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    mask = (torch.arange(8)[None, None] < (2 + torch.arange(1, 4))[None, :, None]).view(1, 1, 3, 8)
+    out = bench.arms(q, k, v, mask, 0.25)["grouped_fold"]()
+    by_hand = torch.softmax((q[0, 3, 1] @ k[0, 1, :4].T) * 0.25, -1) @ v[0, 1, :4]  # head 3 → kv head 1, token 1
+    assert torch.allclose(out[0, 1, 3], by_hand, atol=1e-5)
