@@ -12,6 +12,8 @@ width per layer) and then runs a masked kernel. At 512 episodes on an H200 the l
   gqa            one sdpa call with ``enable_gqa=True`` and the mask: no copy; torch picks the kernel
   grouped_fold   the 8 query heads that share a key/value head folded into the query length (``[B, 2, 8·T, D]``),
                  the mask repeated along it: sdpa on the cache as stored (the decode step's trick, for T > 1)
+  grouped_fold_additive  the same with the mask as an additive tensor in the activations' dtype (built once)
+(transformers notes that on CUDA a masked ``enable_gqa`` call falls back to the math kernel: the ``gqa`` arm shows it.)
 
 Each arm runs ``--layers`` times inside one CUDA graph and reports µs per call (median of ``--reps`` replays) and
 its error against a float32 reference (relative L2).
@@ -54,14 +56,17 @@ def arms(q, k, v, mask, scale) -> dict:
     module = SimpleNamespace(num_key_value_groups=G, is_causal=False, training=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     folded_mask = mask.repeat(1, 1, G, 1)  # [B, 1, G·T, W]: folded position g·T + t is token t
+    # the same as an additive mask in the activations' dtype, built once per forward (not per layer) in an engine
+    additive = torch.zeros(folded_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~folded_mask, float("-inf"))
 
-    def fold():
-        out = sdpa(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=folded_mask, scale=scale)
+    def fold(m):
+        out = sdpa(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=m, scale=scale)
         return out.reshape(B, Hq, T, D).transpose(1, 2)
 
     return {"hf_repeat": lambda: sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0],
             "gqa": lambda: sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2),
-            "grouped_fold": fold}
+            "grouped_fold": lambda: fold(folded_mask),
+            "grouped_fold_additive": lambda: fold(additive)}
 
 
 def run(batch, new, widths, heads, kv_heads, dim, dtype, device, layers, reps, seed=0) -> list[dict]:
