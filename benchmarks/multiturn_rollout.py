@@ -604,7 +604,8 @@ def main() -> None:
                                                                  "prefill_min", "PREFILL_WAIT", "CHECK_EVERY",
                                                                  "PREFILL_COVER", "prefill_graphs", "prefill_eager",
                                                                  "vision_graphs", "vision_ahead", "prepare_threads",
-                                                                 "share_prompts", "decode_backend")}
+                                                                 "launch_before_collect", "share_prompts",
+                                                                 "decode_backend")}
             pg = getattr(engine, "_lm_graphs", None)
             if pg is not None:  # bucketed language-model prefills so far (all runs): graphs captured, replayed
                 out["prefill_graphs"] = {"captures": pg.captures, "replays": pg.replays, "eager": pg.padded,

@@ -318,12 +318,15 @@ def _equal_generate(bundle, got, reqs: dict, logprobs: bool = False) -> None:
             assert torch.allclose(torch.tensor(got[tag][0].logprobs), torch.tensor(want.logprobs), atol=1e-4), tag
 
 
-def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle):
+@pytest.mark.parametrize("behind", [False, True])
+def test_pipelined_chunks_leave_a_parked_prefix_intact(tiny_bundle, behind):
     """With ``pipeline``, a chunk runs between a turn's collect and its next turn's prefill while another request
     decodes, so the parked slot steps on (idle) and writes past its cached tokens. The next turn still continues
-    from the parked prefix and samples what generate samples from the full prompt."""
+    from the parked prefix and samples what generate samples from the full prompt. With ``launch_before_collect``
+    the finished slot also decodes on through the chunk launched before its collect (into its own cache, past the
+    tokens it parks)."""
     eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
-    eng.pipeline = True
+    eng.pipeline, eng.launch_before_collect = True, behind
     first, long = _short_and_long(tiny_bundle)
     eng.submit(first, "t1")
     eng.submit(long, "long")
@@ -730,7 +733,8 @@ def test_multiturn_benchmark_step_bounds_by_hand():
 
 def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     """engine.prefill_overlap / prefill_min / prefill_wait / prefill_cover / prefill_graphs / prefill_eager /
-    vision_graphs / vision_ahead / prepare_threads set the streaming engine's scheduling; left at None they keep its defaults; values
+    vision_graphs / vision_ahead / prepare_threads / launch_before_collect set the streaming engine's scheduling; left
+    at None they keep its defaults; values
     below 1 are recipe errors naming the key.
     engine.share_prompts (default off) reaches both HF engines."""
     from vigorl_cli.engines.factory import hf_engine
@@ -744,9 +748,11 @@ def test_recipe_scheduling_keys_reach_the_streaming_engine(tiny_bundle):
     r = load_recipe(None, ["engine.continuous_batching=true", "engine.batch_size=8", "engine.prefill_overlap=true",
                            "engine.prefill_min=3", "engine.prefill_wait=8", "engine.prefill_cover=24",
                            "engine.prefill_graphs=true", "engine.share_prompts=true", "engine.prefill_eager=true",
-                           "engine.vision_graphs=true", "engine.vision_ahead=true", "engine.prepare_threads=3"])
+                           "engine.vision_graphs=true", "engine.vision_ahead=true", "engine.prepare_threads=3",
+                           "engine.launch_before_collect=true"])
     eng = hf_engine(tiny_bundle, r.engine)
     assert eng.prepare_threads == 3 and plain.prepare_threads == 0
+    assert eng.launch_before_collect is True and plain.launch_before_collect is False
     assert (eng.overlap, eng.prefill_min, eng.PREFILL_WAIT, eng.PREFILL_COVER, eng.prefill_graphs,
             eng.share_prompts, eng.prefill_eager, eng.vision_graphs, eng.vision_ahead) == (True, 3, 8, 24, True, True,
                                                                                              True, True, True)
@@ -1152,3 +1158,46 @@ def test_images_are_processed_in_the_background_from_submit(tiny_bundle, monkeyp
     assert len(where) == 3 and all(w.startswith("vigorl-prepare") for w in where)  # g/full, o/full, bad/full
     assert got["bad"][0].finish_reason == "error" and "cannot read that image" in got["bad"][0].error
     _equal_generate(tiny_bundle, got, reqs, logprobs=True)
+
+
+def test_launch_before_collect_keeps_the_schedule_and_the_samples(tiny_bundle):
+    """``launch_before_collect`` (pipelined): the next chunk is launched before the one in flight is collected, from
+    a host copy of its results. The same polls return the same completions, the same prefills run, and the decode
+    steps differ only by chunks launched while every slot had finished (drains); the samples are generate's. A
+    small read bucket checks that the chunk launched ahead of the collect still attends to every written position
+    (the steps in flight count towards its read width), and rows prefilled after the copy are not read from it."""
+    gen = HFEngine(tiny_bundle, batch_size=8)
+    texts = ["What colour is it?", "x", "Where is the dog in this much longer question?", "count the boxes"]
+    runs = {}
+    for behind in (False, True):
+        eng = HFStreamingEngine(tiny_bundle, batch_size=3, cache_len=512, max_new_cap=40)
+        eng.pipeline, eng.launch_before_collect, eng.READ_BUCKET = True, behind, 8
+        reqs = [_req(tiny_bundle, texts[i % 4], [IM1, IM2, None][i % 3], seed=40 + i, max_new_tokens=5 + 7 * i % 36,
+                     n=1 + (i % 4 == 1), stop=("e",) if i == 3 else ()) for i in range(9)]
+        for i in range(4):
+            eng.submit(reqs[i], i)
+        nxt, log, got, polls = 4, [], {}, 0
+        while eng.in_flight() or nxt < len(reqs):
+            if polls % 2 and nxt < len(reqs):  # arrivals between polls
+                eng.submit(reqs[nxt], nxt)
+                nxt += 1
+            for tag, comps in eng.poll():
+                got[tag] = comps
+                log.append((polls, tag))
+            polls += 1
+            assert polls < 500
+        runs[behind] = (log, eng.prefills, eng.decode_steps, got, eng._snap is not None)
+        if behind:
+            for i, r in enumerate(reqs):
+                want = gen.generate([r])[0]
+                assert [c.token_ids for c in got[i]] == [c.token_ids for c in want], i
+                assert torch.allclose(torch.tensor([x for c in got[i] for x in c.logprobs]),
+                                      torch.tensor([x for c in want for x in c.logprobs]), atol=1e-4), i
+    (log0, pf0, steps0, got0, snap0), (log1, pf1, steps1, got1, snap1) = runs[False], runs[True]
+    assert log1 == log0 and pf1 == pf0 > 3
+    def ids(got):
+        return {t: [c.token_ids for c in v] for t, v in got.items()}
+
+    assert ids(got1) == ids(got0)
+    assert steps1 >= steps0 and (steps1 - steps0) % HFStreamingEngine.CHECK_EVERY == 0
+    assert snap1 and not snap0  # (only the new mode copies results)

@@ -179,6 +179,10 @@ class EngineConfig:
     vision_graphs: bool | None = F(None, "hf continuous batching: a prefill's vision tower per group of same-grid "
                                          "images (zoom crops), one CUDA graph per (grid, count) on a GPU (None: the "
                                          "engine's default, off)")
+    launch_before_collect: bool | None = F(None, "hf continuous batching on a GPU: the next decode chunk is launched "
+                                                 "before the host collects the one in flight (from a host copy of "
+                                                 "its results), so the GPU does not wait for the host's checks "
+                                                 "(None: the engine's default, off)")
     prepare_threads: int | None = F(None, "hf continuous batching: threads that process a submitted request's new "
                                           "images (resize, normalise) in the background, off the host's critical "
                                           "path (None: the engine's default, 0: on the main thread)")

@@ -21,7 +21,8 @@ def hf_engine(bundle: Any, engine_cfg: Any, seed: int = 0, cache_len: int | None
                           ("prefill_wait", "PREFILL_WAIT"), ("prefill_cover", "PREFILL_COVER"),
                           ("prefill_graphs", "prefill_graphs"), ("prefill_eager", "prefill_eager"),
                           ("vision_graphs", "vision_graphs"), ("vision_ahead", "vision_ahead"),
-                          ("prepare_threads", "prepare_threads")):
+                          ("prepare_threads", "prepare_threads"),
+                          ("launch_before_collect", "launch_before_collect")):
             value = getattr(engine_cfg, key, None)
             if value is not None:  # ranges: recipe.check_semantics
                 setattr(eng, attr, bool(value) if isinstance(getattr(eng, attr), bool) else int(value))

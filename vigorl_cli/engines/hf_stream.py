@@ -140,6 +140,17 @@ class _Row:
     positions: Any = None  # [3, len(prompt)] the prompt's M-RoPE positions (host)
     checked: int = 0  # tokens already searched for a stop string
     steps: int = 0  # decode steps taken, as of the last host check
+    since: int = 0  # decode chunks launched before it joined (a snapshot of an earlier chunk does not hold it)
+
+
+@dataclass
+class _Snapshot:
+    """The slots' results right after a decode chunk (HFStreamingEngine.launch_before_collect)."""
+
+    tensors: dict  # done, step, out_tok, out_lp: host copies
+    event: Any  # their copy's CUDA event (None on CPU: copied already)
+    n: int  # the chunk's steps
+    chunk: int  # its number (HFStreamingEngine._launched after it)
 
 
 @dataclass
@@ -417,6 +428,17 @@ class HFStreamingEngine(HFEngine):
         # decode chunks and waits for them (0: in _prepare, on the main thread). Off: no gain measured beside
         # vision_ahead on an H200 (67.8 against 68.0 s, tenth session)
         self.prepare_threads = 0
+        # with pipeline (and without overlap): launch the next decode chunk *before* collecting the one in flight,
+        # whose results (finished flags, steps, tokens) were copied to host memory right after it (_snapshot), so
+        # the device decodes while the host turns them into completions instead of waiting for the host after every
+        # check. The schedule is the same step for step: slots freed by a collect are refilled at the next poll's
+        # fill either way, and a finished slot decodes on (into its own cache past what it parks, or the dump
+        # column) until then. Off by default until measured
+        self.launch_before_collect = False
+        self._snap: _Snapshot | None = None  # the chunk in flight's results, copied right after it
+        self._snap_bufs: list = []  # two sets of pinned host buffers (GPU), alternating
+        self._uncollected = 0  # decode steps launched but not collected yet (the read width must cover them)
+        self._launched = 0  # decode chunks launched so far
         self._executor: Any = None
         self._early: dict[str, Any] = {}  # image key → future of (pixels, grid row), until a _prepare takes it
         self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
@@ -475,6 +497,7 @@ class HFStreamingEngine(HFEngine):
         self._n_in_flight = 0
         self._chunk = False
         self._pending = None
+        self._snap, self._uncollected = None, 0
         if self._st is not None:  # the abandoned slots write nowhere from now on (a later prefill may use them)
             self._st["cache"].pos.fill_(self._st["cache"].dump)
 
@@ -506,7 +529,16 @@ class HFStreamingEngine(HFEngine):
                     if self._active():
                         self._advance(self._chunk_steps(False))
                         self._chunk = True
-                if self._chunk:
+                if self._chunk and self._launches_first():
+                    snap, launched = self._snap, False
+                    self._join(block=not self._active())
+                    if self._active():  # (rows that finished in the chunk in flight decode on through this one)
+                        self._mark_chunk()
+                        self._advance(self._chunk_steps(False))
+                        launched = True
+                    self._collect(snap)
+                    self._chunk = launched
+                elif self._chunk:
                     self._collect()
                     self._chunk = False
                     self._join(block=not self._active())
@@ -524,6 +556,31 @@ class HFStreamingEngine(HFEngine):
 
     def _active(self) -> bool:
         return any(r is not None for r in self._rows)
+
+    def _launches_first(self) -> bool:
+        """Whether the next chunk is launched before the one in flight is collected (:attr:`launch_before_collect`,
+        pipelined, without overlap)."""
+        return self.launch_before_collect and self.pipeline and not self.overlap
+
+    def _snapshot(self, n: int) -> None:
+        """Copy the slots' results after the chunk of ``n`` steps just launched (finished flags, steps, tokens,
+        log-probs) to host memory, in stream order: on a GPU into pinned buffers (two sets, alternating: the next
+        chunk's copies are queued before this one's collect reads them) with an event to wait for."""
+        st = self._st
+        names = ("done", "step", "out_tok", "out_lp")
+        if self.model.device.type != "cuda":
+            self._snap = _Snapshot({k: st[k].clone() for k in names}, None, n, self._launched)
+            return
+        if not self._snap_bufs or self._snap_bufs[0]["out_tok"].shape != st["out_tok"].shape:
+            self._snap_bufs = [{k: torch.empty(st[k].shape, dtype=st[k].dtype, pin_memory=True) for k in names}
+                               for _ in range(2)]
+        bufs = self._snap_bufs[0]
+        self._snap_bufs.reverse()
+        for k in names:
+            bufs[k].copy_(st[k], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.model.device))
+        self._snap = _Snapshot(bufs, event, n, self._launched)
 
     def _chunk_steps(self, cover: bool) -> int:
         """Decode steps of the next chunk: :attr:`CHECK_EVERY`, or :attr:`PREFILL_COVER` when a prefill is launched
@@ -1012,7 +1069,7 @@ class HFStreamingEngine(HFEngine):
         self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], last_pos, ends, seen)
         for t in p.todo:
             self._rows[t.slot] = _Row(t.group, t.index, t.max_new, t.req.params, t.prep.ids, t.prep.keys, p.version,
-                                      t.positions)
+                                      t.positions, since=self._launched)
 
     def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
         """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
@@ -1134,7 +1191,8 @@ class HFStreamingEngine(HFEngine):
         full = self.cache_len + 1
         if not self.READ_BUCKET:
             return full
-        need = max((len(r.prompt) + r.steps for r in self._rows if r is not None), default=0) + n + 1
+        need = max((len(r.prompt) + r.steps for r in self._rows if r is not None), default=0)
+        need += self._uncollected + n + 1  # (steps of a chunk in flight are not in r.steps yet)
         return min(full, -(-need // self.READ_BUCKET) * self.READ_BUCKET)
 
     @torch.no_grad()
@@ -1147,6 +1205,8 @@ class HFStreamingEngine(HFEngine):
         width = self._read_width(n)
         self._st["cache"].width = width
         self.decode_steps += n
+        self._uncollected += n
+        self._launched += 1
         with decode_attention(self.model, self.decode_backend):
             k = 0
             while k < n:
@@ -1172,18 +1232,25 @@ class HFStreamingEngine(HFEngine):
                     with self._autocast():
                         self._step()
                 k += 1
+        if self._launches_first():
+            self._snapshot(n)
 
     def _drop_graphs(self) -> None:
         """All the decode graphs at once, before any is captured again (their lane's rule: capture_stream)."""
         self._graphs, self._eager_steps = {}, 0
 
-    def _collect(self) -> None:
-        """Finished slots (eos, token limit, stop string) → completions; their slots become free."""
-        st = self._st
+    def _collect(self, snap: _Snapshot | None = None) -> None:
+        """Finished slots (eos, token limit, stop string) → completions; their slots become free. From ``snap``
+        (the results copied right after an earlier chunk, while a later one decodes: rows that joined after that
+        chunk are not in it) or else from the device (which waits for everything launched)."""
+        st = snap.tensors if snap is not None else self._st
+        if snap is not None and snap.event is not None:
+            snap.event.synchronize()
         self._collects += 1
+        self._uncollected = self._uncollected - snap.n if snap is not None else 0
         done = st["done"].tolist()
         steps = st["step"].tolist()
-        active = [i for i, r in enumerate(self._rows) if r is not None]
+        active = [i for i, r in enumerate(self._rows) if r is not None and (snap is None or r.since < snap.chunk)]
         width = max((steps[i] for i in active), default=0) + 1  # columns written so far (not the whole buffer)
         toks = st["out_tok"][active, :width].tolist() if active else []
         lps = st["out_lp"][active, :width].tolist() if active else []
@@ -1206,7 +1273,8 @@ class HFStreamingEngine(HFEngine):
             self._parked[slot] = _Parked(row.prompt + fed, row.image_keys, row.version, self._polls, row.positions)
             self._finish_row(row.group, row.index, comp)
         if freed:  # from the next step on, what they hold stays intact (a next turn, or a prefill beside the decode)
-            st["cache"].pos[freed] = st["cache"].dump
+            cache = self._st["cache"]
+            cache.pos[freed] = cache.dump
 
     def _finish_row(self, group: dict, k: int, comp: Completion) -> None:
         group["out"][k] = comp
