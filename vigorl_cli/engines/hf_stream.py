@@ -433,7 +433,8 @@ class HFStreamingEngine(HFEngine):
         # the device decodes while the host turns them into completions instead of waiting for the host after every
         # check. The schedule is the same step for step: slots freed by a collect are refilled at the next poll's
         # fill either way, and a finished slot decodes on (into its own cache past what it parks, or the dump
-        # column) until then. Off by default until measured
+        # column) until then; no chunk is launched once every row has finished (by its flags; a row that only a
+        # stop string ends costs one more chunk at a drain). Off by default until measured
         self.launch_before_collect = False
         self._snap: _Snapshot | None = None  # the chunk in flight's results, copied right after it
         self._snap_bufs: list = []  # two sets of pinned host buffers (GPU), alternating
@@ -530,14 +531,19 @@ class HFStreamingEngine(HFEngine):
                         self._advance(self._chunk_steps(False))
                         self._chunk = True
                 if self._chunk and self._launches_first():
-                    snap, launched = self._snap, False
-                    self._join(block=not self._active())
-                    if self._active():  # (rows that finished in the chunk in flight decode on through this one)
+                    snap = self._snap
+                    if snap.event is not None:  # the chunk in flight has finished (not a prefill queued after it)
+                        snap.event.synchronize()
+                    done = snap.tensors["done"].tolist()
+                    # a row still decodes (rows that finished decode on through the next chunk, into their own cache
+                    # past what they park), or joined since (a prefill after the chunk)
+                    launch = any(r is not None and (r.since >= snap.chunk or not done[i])
+                                 for i, r in enumerate(self._rows))
+                    if launch:
                         self._mark_chunk()
                         self._advance(self._chunk_steps(False))
-                        launched = True
                     self._collect(snap)
-                    self._chunk = launched
+                    self._chunk = launch
                 elif self._chunk:
                     self._collect()
                     self._chunk = False
