@@ -1201,3 +1201,20 @@ def test_launch_before_collect_keeps_the_schedule_and_the_samples(tiny_bundle):
     assert ids(got1) == ids(got0)
     assert steps1 == steps0
     assert snap1 and not snap0  # (only the new mode copies results)
+
+
+def test_reset_caches_starts_the_next_requests_cold(tiny_bundle):
+    """reset_caches (what the benchmark calls between runs, as the vLLM engine's): no parked prefix is continued
+    and no image feature or grid is remembered afterwards; the next turn is prefilled whole and still samples what
+    generate samples."""
+    eng = HFStreamingEngine(tiny_bundle, batch_size=2, cache_len=1024, max_new_cap=64)
+    first, _ = _short_and_long(tiny_bundle)
+    eng.submit(first, "t1")
+    got = _drain(eng)[0]
+    assert eng._parked and eng._features and eng._grids
+    eng.reset_caches()
+    assert not eng._parked and not eng._features and not eng._grids
+    reused = eng.reused_tokens
+    second, _ = _then_next_turn(tiny_bundle, eng, first, got)
+    assert eng.reused_tokens == reused  # fed whole: nothing parked to continue
+    _equal_generate(tiny_bundle, got, {"t2": second})

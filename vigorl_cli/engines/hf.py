@@ -277,6 +277,11 @@ class HFEngine:
                 out[u] = self._features[k]
         return out
 
+    def reset_caches(self) -> None:
+        """Forget every cached image feature, as :meth:`VLLMEngine.reset_caches` drops vLLM's caches: the next
+        requests start cold (benchmarks: every run alike)."""
+        self._features.clear()
+
     def _drop_stale_features(self) -> None:
         """Empty the feature cache if the vision tower's weights changed since its features were computed."""
         state = self._vision_state()

@@ -488,6 +488,14 @@ class HFStreamingEngine(HFEngine):
     def in_flight(self) -> int:
         return self._n_in_flight
 
+    def reset_caches(self) -> None:
+        """Forget every cached prefix (the parked slots' keys and values), image feature and image grid: the next
+        requests start cold, as after a weight update (benchmarks: a run after another one would otherwise reuse
+        the first turns it left parked)."""
+        super().reset_caches()
+        self._parked.clear()
+        self._grids.clear()
+
     def abort(self) -> None:
         self._after_streams()  # what the caller does next (a weight update) waits for a chunk or prefill in flight
         self._queue.clear()
