@@ -140,7 +140,6 @@ class _Row:
     positions: Any = None  # [3, len(prompt)] the prompt's M-RoPE positions (host)
     checked: int = 0  # tokens already searched for a stop string
     steps: int = 0  # decode steps taken, as of the last host check
-    since: int = 0  # decode chunks launched before it joined (a snapshot of an earlier chunk does not hold it)
 
 
 @dataclass
@@ -150,7 +149,7 @@ class _Snapshot:
     tensors: dict  # done, step, out_tok, out_lp: host copies
     event: Any  # their copy's CUDA event (None on CPU: copied already)
     n: int  # the chunk's steps
-    chunk: int  # its number (HFStreamingEngine._launched after it)
+    rows: tuple  # the slots' rows during the chunk (a row that joined since is not in the copy)
 
 
 @dataclass
@@ -438,8 +437,6 @@ class HFStreamingEngine(HFEngine):
         self.launch_before_collect = False
         self._snap: _Snapshot | None = None  # the chunk in flight's results, copied right after it
         self._snap_bufs: list = []  # two sets of pinned host buffers (GPU), alternating
-        self._uncollected = 0  # decode steps launched but not collected yet (the read width must cover them)
-        self._launched = 0  # decode chunks launched so far
         self._executor: Any = None
         self._early: dict[str, Any] = {}  # image key → future of (pixels, grid row), until a _prepare takes it
         self.ahead_images = 0  # images encoded ahead so far (tests, benchmarks)
@@ -506,7 +503,7 @@ class HFStreamingEngine(HFEngine):
         self._n_in_flight = 0
         self._chunk = False
         self._pending = None
-        self._snap, self._uncollected = None, 0
+        self._snap = None
         if self._st is not None:  # the abandoned slots write nowhere from now on (a later prefill may use them)
             self._st["cache"].pos.fill_(self._st["cache"].dump)
 
@@ -545,7 +542,7 @@ class HFStreamingEngine(HFEngine):
                     done = snap.tensors["done"].tolist()
                     # a row still decodes (rows that finished decode on through the next chunk, into their own cache
                     # past what they park), or joined since (a prefill after the chunk)
-                    launch = any(r is not None and (r.since >= snap.chunk or not done[i])
+                    launch = any(r is not None and (r is not snap.rows[i] or not done[i])
                                  for i, r in enumerate(self._rows))
                     if launch:
                         self._mark_chunk()
@@ -583,7 +580,7 @@ class HFStreamingEngine(HFEngine):
         st = self._st
         names = ("done", "step", "out_tok", "out_lp")
         if self.model.device.type != "cuda":
-            self._snap = _Snapshot({k: st[k].clone() for k in names}, None, n, self._launched)
+            self._snap = _Snapshot({k: st[k].clone() for k in names}, None, n, tuple(self._rows))
             return
         if not self._snap_bufs or self._snap_bufs[0]["out_tok"].shape != st["out_tok"].shape:
             self._snap_bufs = [{k: torch.empty(st[k].shape, dtype=st[k].dtype, pin_memory=True) for k in names}
@@ -594,7 +591,7 @@ class HFStreamingEngine(HFEngine):
             bufs[k].copy_(st[k], non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.model.device))
-        self._snap = _Snapshot(bufs, event, n, self._launched)
+        self._snap = _Snapshot(bufs, event, n, tuple(self._rows))
 
     def _chunk_steps(self, cover: bool) -> int:
         """Decode steps of the next chunk: :attr:`CHECK_EVERY`, or :attr:`PREFILL_COVER` when a prefill is launched
@@ -1083,7 +1080,7 @@ class HFStreamingEngine(HFEngine):
         self._start(rows, p.logits, [t.seed for t in p.todo], [t.max_new for t in p.todo], last_pos, ends, seen)
         for t in p.todo:
             self._rows[t.slot] = _Row(t.group, t.index, t.max_new, t.req.params, t.prep.ids, t.prep.keys, p.version,
-                                      t.positions, since=self._launched)
+                                      t.positions)
 
     def _vision_inputs(self, todo: list, new_images: list[tuple[int, int]], device: torch.device) -> tuple[dict, Any]:
         """The pixel inputs of the images a prefill feeds (``(row, image)`` pairs), and a context in which the model
@@ -1205,8 +1202,9 @@ class HFStreamingEngine(HFEngine):
         full = self.cache_len + 1
         if not self.READ_BUCKET:
             return full
-        need = max((len(r.prompt) + r.steps for r in self._rows if r is not None), default=0)
-        need += self._uncollected + n + 1  # (steps of a chunk in flight are not in r.steps yet)
+        need = max((len(r.prompt) + r.steps for r in self._rows if r is not None), default=0) + n + 1
+        if self._chunk and self._launches_first():
+            need += self._snap.n  # the chunk in flight (this one is launched before its collect): not in r.steps yet
         return min(full, -(-need // self.READ_BUCKET) * self.READ_BUCKET)
 
     @torch.no_grad()
@@ -1219,8 +1217,6 @@ class HFStreamingEngine(HFEngine):
         width = self._read_width(n)
         self._st["cache"].width = width
         self.decode_steps += n
-        self._uncollected += n
-        self._launched += 1
         with decode_attention(self.model, self.decode_backend):
             k = 0
             while k < n:
@@ -1261,10 +1257,9 @@ class HFStreamingEngine(HFEngine):
         if snap is not None and snap.event is not None:
             snap.event.synchronize()
         self._collects += 1
-        self._uncollected = self._uncollected - snap.n if snap is not None else 0
         done = st["done"].tolist()
         steps = st["step"].tolist()
-        active = [i for i, r in enumerate(self._rows) if r is not None and (snap is None or r.since < snap.chunk)]
+        active = [i for i, r in enumerate(self._rows) if r is not None and (snap is None or r is snap.rows[i])]
         width = max((steps[i] for i in active), default=0) + 1  # columns written so far (not the whole buffer)
         toks = st["out_tok"][active, :width].tolist() if active else []
         lps = st["out_lp"][active, :width].tolist() if active else []
