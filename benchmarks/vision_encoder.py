@@ -146,20 +146,24 @@ def main() -> None:
     from vigorl_cli.models.aligned_mlp import aligned_mlp_modules, set_aligned_mlp
     from vigorl_cli.models.patch_embed import set_patch_embed
 
-    patch_embed = {}
-    for linear in (False, True):
-        set_patch_embed(tower, linear)
+    def best_ms(fn) -> float:
+        """Best of ``--reps`` timed calls of ``fn()`` after ``--warmup`` (at least one), in ms."""
         with torch.no_grad():
             for _ in range(max(1, args.warmup)):
-                tower.patch_embed(inputs[0])
-            pe_times = []
+                fn()
+            times = []
             for _ in range(args.reps):
                 sync()
                 t0 = time.perf_counter()
-                tower.patch_embed(inputs[0])
+                fn()
                 sync()
-                pe_times.append(time.perf_counter() - t0)
-        patch_embed["linear" if linear else "conv3d"] = round(1000 * min(pe_times), 3)
+                times.append(time.perf_counter() - t0)
+        return round(1000 * min(times), 3)
+
+    patch_embed = {}
+    for linear in (False, True):
+        set_patch_embed(tower, linear)
+        patch_embed["linear" if linear else "conv3d"] = best_ms(lambda: tower.patch_embed(inputs[0]))
     print(json.dumps({"patch_embed_best_ms": patch_embed}), flush=True)
     # one block's MLP alone: HF's width against the aligned one (models/aligned_mlp.py; only unaligned widths)
     mlp_ms = {}
@@ -168,17 +172,7 @@ def main() -> None:
         h = torch.randn(n, tower.config.hidden_size, device=dev, dtype=dtype)
         for aligned in (False, True):
             set_aligned_mlp(tower, aligned)
-            with torch.no_grad():
-                for _ in range(max(1, args.warmup)):
-                    mlps[0](h)
-                mlp_times = []
-                for _ in range(args.reps):
-                    sync()
-                    t0 = time.perf_counter()
-                    mlps[0](h)
-                    sync()
-                    mlp_times.append(time.perf_counter() - t0)
-            mlp_ms["aligned" if aligned else "unaligned"] = round(1000 * min(mlp_times), 3)
+            mlp_ms["aligned" if aligned else "unaligned"] = best_ms(lambda: mlps[0](h))
         print(json.dumps({"mlp_best_ms": mlp_ms, "width": mlps[0].gate_proj.out_features}), flush=True)
 
     results, outs = {}, {}
