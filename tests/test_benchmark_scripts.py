@@ -124,7 +124,10 @@ def test_prefill_attention_arms_agree_with_a_float32_reference():
     rows = bench.run(batch=3, new=5, widths=[16, 40], heads=4, kv_heads=2, dim=16, dtype=torch.float32,
                      device=torch.device("cpu"), layers=1, reps=1)
     for row in rows:
-        assert row["arms"].keys() == {"hf_repeat", "gqa", "grouped_fold", "grouped_fold_additive"}
+        attention = {"hf_repeat", "gqa", "grouped_fold", "grouped_fold_additive"}
+        assert row["arms"].keys() == attention | {f"{a}@engine" for a in attention} | {"fold_mask_build"}
+        build = row["arms"].pop("fold_mask_build")
+        assert build["rel_err"] is None and build["us_per_call"] > 0
         assert all(a["rel_err"] < 1e-5 and a["us_per_call"] > 0 for a in row["arms"].values()), row
     # the mask is what the docstring says: token t of a row with prefix p sees p + t + 1 positions
     q = torch.randn(1, 4, 3, 16)
