@@ -178,7 +178,7 @@ class EngineConfig:
                                          "engine's default, off)")
     vision_graphs: bool | None = F(None, "hf continuous batching: a prefill's vision tower per group of same-grid "
                                          "images (zoom crops), one CUDA graph per (grid, count) on a GPU (None: the "
-                                         "engine's default, off)")
+                                         "engine's default: on a GPU, off on CPU)")
     launch_before_collect: bool | None = F(None, "hf continuous batching on a GPU: the next decode chunk is launched "
                                                  "before the host collects the one in flight (from a host copy of "
                                                  "its results), so the GPU does not wait for the host's checks "

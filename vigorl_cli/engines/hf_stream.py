@@ -412,8 +412,11 @@ class HFStreamingEngine(HFEngine):
         self.prefill_eager = False
         # run the vision tower per group of same-grid images (a prefill's zoom crops share one grid), one CUDA graph
         # per (grid, count) on a GPU (models/vision_graphs.py): the tower's ~15 launches per block are host time the
-        # GPU waits for in a prefill. Off by default until measured
-        self.vision_graphs = False
+        # GPU waits for in a prefill. On by default on a GPU: at 512 episodes on an H200, once the vision MLP ran on
+        # aligned widths (models/aligned_mlp.py), 65.6 against 67.9 s and 69.6 against 73.4 s in two calls; while the
+        # tower was compute-bound it gained nothing (68.6 against 68.5 s; docs/performance.md, issue 7). Off on CPU,
+        # (and without graphs), where the groups only add calls
+        self.vision_graphs = self.model.device.type == "cuda" and use_graphs is not False
         self._tower_graphs: TowerGraphs | None = None
         # encode the new images of waiting requests before their prefill, at the start of a poll: on a GPU on a side
         # stream, beside the decode chunk in flight, into the feature cache their prefill reads (_encode_ahead). The
