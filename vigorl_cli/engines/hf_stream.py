@@ -414,7 +414,7 @@ class HFStreamingEngine(HFEngine):
         # per (grid, count) on a GPU (models/vision_graphs.py): the tower's ~15 launches per block are host time the
         # GPU waits for in a prefill. On by default on a GPU: at 512 episodes on an H200, once the vision MLP ran on
         # aligned widths (models/aligned_mlp.py), 65.6 against 67.9 s and 69.6 against 73.4 s in two calls; while the
-        # tower was compute-bound it gained nothing (68.6 against 68.5 s; docs/performance.md, issue 7). Off on CPU,
+        # tower was compute-bound it gained nothing (68.6 against 68.5 s; docs/performance.md, issue 7). Off on CPU
         # (and without graphs), where the groups only add calls
         self.vision_graphs = self.model.device.type == "cuda" and use_graphs is not False
         self._tower_graphs: TowerGraphs | None = None
@@ -436,7 +436,8 @@ class HFStreamingEngine(HFEngine):
         # check. The schedule is the same step for step: slots freed by a collect are refilled at the next poll's
         # fill either way, and a finished slot decodes on (into its own cache past what it parks, or the dump
         # column) until then; no chunk is launched once every row has finished (by its flags; a row that only a
-        # stop string ends costs one more chunk at a drain). Off by default until measured
+        # stop string ends costs one more chunk at a drain). Off: slower on an H200 at 512 episodes, same schedule
+        # (83.5 against 73.4 s; 78.3 against 69.6 s with vision_graphs; eleventh session, docs/performance.md)
         self.launch_before_collect = False
         self._snap: _Snapshot | None = None  # the chunk in flight's results, copied right after it
         self._snap_bufs: list = []  # two sets of pinned host buffers (GPU), alternating
