@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
@@ -34,26 +38,11 @@ def main() -> None:
     torch.manual_seed(0)
     T, H, bf = args.tokens, args.hidden, {"device": "cuda", "dtype": torch.bfloat16}
 
+    from benchmarks.decode_attention import time_arm
+
     def bench(fn) -> float:
         """µs per call: median over replays of a CUDA graph of 10 calls."""
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 100)  # ms per 10 calls → µs per call
-        return round(sorted(times)[len(times) // 2], 1)
+        return round(time_arm(fn, torch.device("cuda"), 10, args.reps), 1)
 
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": T, "hidden": H}
     x = torch.randn(T, H, **bf)

@@ -61,16 +61,16 @@ def arms(q, k, v, mask, scale) -> dict:
     module = SimpleNamespace(num_key_value_groups=G, is_causal=False, training=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     folded_mask = mask.repeat(1, 1, G, 1)  # [B, 1, G·T, W]: folded position g·T + t is token t
-    # the same as an additive mask in the activations' dtype, built once per forward (not per layer) in an engine
-    additive = torch.zeros(folded_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~folded_mask, float("-inf"))
+
+    def build():  # the folded mask as an additive one in the activations' dtype: once per forward in an engine
+        return torch.zeros(folded_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask.repeat(1, 1, G, 1), float("-inf"))
+
+    additive = build()
 
     def fold(m):
         out = sdpa(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=m, scale=scale)
         return out.reshape(B, Hq, T, D).transpose(1, 2)
-
-    def build():  # what the additive fold costs once per forward (not per layer): the folded mask itself
-        return torch.zeros(folded_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~mask.repeat(1, 1, G, 1), float("-inf"))
 
     plain = {"hf_repeat": lambda: sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0],
              "gqa": lambda: sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2),

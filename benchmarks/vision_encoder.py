@@ -146,19 +146,23 @@ def main() -> None:
     from vigorl_cli.models.aligned_mlp import aligned_mlp_modules, set_aligned_mlp
     from vigorl_cli.models.patch_embed import set_patch_embed
 
+    def timings(fn) -> list[float]:
+        """Seconds of ``fn(i)`` for ``i`` in ``range(--reps)``, each call between two device syncs."""
+        times = []
+        for i in range(args.reps):
+            sync()
+            t0 = time.perf_counter()
+            fn(i)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
     def best_ms(fn) -> float:
         """Best of ``--reps`` timed calls of ``fn()`` after ``--warmup`` (at least one), in ms."""
         with torch.no_grad():
             for _ in range(max(1, args.warmup)):
                 fn()
-            times = []
-            for _ in range(args.reps):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-        return round(1000 * min(times), 3)
+            return round(1000 * min(timings(lambda i: fn())), 3)
 
     patch_embed = {}
     for linear in (False, True):
@@ -204,13 +208,7 @@ def main() -> None:
             outs[mode] = run(tower, inputs[0]).float()
         finally:
             torch.nn.functional.scaled_dot_product_attention = real_sdpa
-        times = []
-        for i in range(args.reps):
-            sync()
-            t0 = time.perf_counter()
-            run(tower, inputs[i % 2])
-            sync()
-            times.append(time.perf_counter() - t0)
+        times = timings(lambda i: run(tower, inputs[i % 2]))
         best, med = min(times), statistics.median(times)
         results[mode] = {"best_ms": round(1000 * best, 2), "median_ms": round(1000 * med, 2),
                          "img_per_s": round(args.images / best, 1), "tflops": round(flops / best / 1e12, 2),
