@@ -1256,10 +1256,9 @@ class HFStreamingEngine(HFEngine):
     def _collect(self, snap: _Snapshot | None = None) -> None:
         """Finished slots (eos, token limit, stop string) → completions; their slots become free. From ``snap``
         (the results copied right after an earlier chunk, while a later one decodes: rows that joined after that
-        chunk are not in it) or else from the device (which waits for everything launched)."""
+        chunk are not in it; :meth:`poll` has waited for its copy) or else from the device (which waits for
+        everything launched)."""
         st = snap.tensors if snap is not None else self._st
-        if snap is not None and snap.event is not None:
-            snap.event.synchronize()
         self._collects += 1
         done = st["done"].tolist()
         steps = st["step"].tolist()
